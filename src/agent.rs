@@ -1,0 +1,200 @@
+//! One agent: configuration in, running tasks out. `main`, the demo and the tests all start
+//! agents through here, so they exercise the same code paths.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::discovery::{Discovery, KubeSettings, Source};
+use crate::incoming::IncomingChecks;
+use crate::metrics::Metrics;
+use crate::probe::{Prober, ProberSettings};
+use crate::scheduler::{fixed_targets, RoundReport, Scheduler};
+use crate::server::{router, AppState};
+use crate::{kube_client, listener, telemetry, tls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+impl StartError {
+    /// Operator input is at fault (exit 64) rather than the environment.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config(_))
+    }
+}
+
+/// A started agent.
+pub struct Agent {
+    config: Config,
+    pub local_addr: SocketAddr,
+    pub tls_local_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    reports: watch::Receiver<Option<Arc<RoundReport>>>,
+    draining: Arc<AtomicBool>,
+    stop_probing: watch::Sender<bool>,
+    stop_serving: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Validates `config`, binds the listeners and starts discovery, rounds and serving.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let pod_name = config.pod_name.clone().unwrap_or_else(hostname);
+        let client_tls = tls::client_config(&config.service_account_dir.join("ca.crt"), config.extra_ca.as_deref(), config.insecure)
+            .map_err(|e| ConfigError::new("KUBENURSE_EXTRA_CA", display_path(&config.extra_ca), e.to_string()))?;
+        let server_tls = match (&config.cert_file, &config.cert_key) {
+            (Some(cert), Some(key)) if config.use_tls => Some(
+                tls::server_config(cert, key)
+                    .map_err(|e| ConfigError::new("KUBENURSE_CERT_FILE", cert.display().to_string(), e.to_string()))?,
+            ),
+            _ => None,
+        };
+
+        let kube = kube_client::build(&config).await?;
+        let source = if !config.check_neighbourhood {
+            Source::None
+        } else if let Some(list) = &config.neighbours {
+            Source::Static(list.clone())
+        } else if let Some(kube) = kube {
+            Source::Kubernetes(KubeSettings {
+                client: kube.client,
+                namespace: config.namespace.clone().unwrap_or(kube.namespace),
+                label_selector: config.neighbour_filter.clone(),
+                own_pod: pod_name.clone(),
+                own_node: config.node_name.clone(),
+                allow_unschedulable: config.allow_unschedulable,
+            })
+        } else {
+            tracing::info!("no Kubernetes configuration and no KUBENURSE_NEIGHBOURS: neighbour probes skipped");
+            Source::None
+        };
+
+        let incoming = Arc::new(IncomingChecks::default());
+        let resource = telemetry::resource(&config, &pod_name);
+        let metrics = Arc::new(Metrics::new(config.buckets(), resource, incoming.clone())?);
+        let (fixed, skipped) = fixed_targets(&config);
+        for s in &skipped {
+            tracing::info!(probe = %s.kind, reason = %s.reason, "probe skipped");
+        }
+        let prober = Arc::new(Prober::new(ProberSettings {
+            tls: client_tls,
+            timeout: config.check_timeout,
+            token_file: config.service_account_dir.join("token"),
+            own_pod: pod_name.clone(),
+            reuse_connections: config.reuse_connections,
+        }));
+
+        let plain = listener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
+        let local_addr = plain.local_addr().map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
+        let secure = match server_tls {
+            Some(tls) => {
+                let l = listener::bind(config.tls_listen_addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: config.tls_listen_addr, source })?;
+                Some((l, tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
+            }
+            None => None,
+        };
+        let tls_local_addr = secure.as_ref().and_then(|(l, _)| l.local_addr().ok());
+
+        let discovery = Discovery::start(source);
+        let (reports_tx, reports) = watch::channel(None);
+        let (stop_probing, probing_rx) = watch::channel(false);
+        let (stop_serving, serving_rx) = watch::channel(false);
+        let draining = Arc::new(AtomicBool::new(false));
+
+        let scheduler = Scheduler {
+            interval: config.check_interval,
+            fixed,
+            skipped,
+            check_neighbourhood: config.check_neighbourhood,
+            neighbour_limit: config.neighbour_limit,
+            neighbour_port: config.effective_neighbour_port(),
+            neighbour_tls: config.use_tls,
+            own_node: config.node_name.clone(),
+            discovery: discovery.clone(),
+            prober,
+            metrics: metrics.clone(),
+            reports: reports_tx,
+        };
+        let app = router(Arc::new(AppState {
+            hostname: pod_name,
+            reports: reports.clone(),
+            draining: draining.clone(),
+            discovery,
+            incoming,
+            metrics: metrics.clone(),
+        }));
+        let mut tasks = vec![
+            tokio::spawn(scheduler.run(probing_rx)),
+            tokio::spawn(listener::serve(plain, None, app.clone(), serving_rx.clone())),
+        ];
+        if let Some((l, acceptor)) = secure {
+            tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, serving_rx)));
+        }
+        tracing::info!(%local_addr, tls = ?tls_local_addr, "kubenurse started");
+        Ok(Self { config, local_addr, tls_local_addr, metrics, reports, draining, stop_probing, stop_serving, tasks })
+    }
+
+    /// The latest round report, and a way to wait for the next.
+    pub fn reports(&self) -> watch::Receiver<Option<Arc<RoundReport>>> {
+        self.reports.clone()
+    }
+
+    /// Turns `/ready` to 503 at once (the first step of shutting down).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The full shutdown sequence of SPEC §7: not ready at once, keep probing and serving
+    /// for the shutdown duration, then stop rounds, drain listeners and flush telemetry.
+    pub async fn shutdown(self) {
+        self.start_draining();
+        tracing::info!(keep_serving = ?self.config.shutdown_duration, "shutting down: /ready now answers 503");
+        tokio::time::sleep(self.config.shutdown_duration).await;
+        self.stop().await;
+    }
+
+    /// Stops rounds and listeners at once (after draining open requests) and flushes.
+    pub async fn stop(self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop_probing.send(true);
+        let _ = self.stop_serving.send(true);
+        for task in self.tasks {
+            // A round in flight ends within the probe deadline; listeners drain within theirs.
+            if tokio::time::timeout(self.config.check_timeout + Duration::from_secs(6), task).await.is_err() {
+                tracing::warn!("a task did not stop in time");
+            }
+        }
+        let metrics = self.metrics.clone();
+        let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
+        tracing::info!("kubenurse stopped");
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kubenurse".to_owned())
+}
+
+fn display_path(path: &Option<std::path::PathBuf>) -> String {
+    path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+}

@@ -1,0 +1,516 @@
+//! The agent's configuration: every option is a CLI flag with an environment twin, parsed and
+//! validated once at start-up. Nothing else in the crate reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit status for bad configuration (`EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+
+/// Prometheus' classic buckets, in seconds.
+pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Probe names the agent uses itself; extra checks may not take them.
+const RESERVED_TYPES: [&str; 4] = ["api_server_direct", "api_server_dns", "me_ingress", "me_service"];
+
+#[derive(Debug, Parser)]
+#[command(name = "kubenurse", version, about = "Kubernetes network health agent", args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run N agents on loopback addresses (127.0.0.2, …) probing each other, and print a
+    /// per-pair status table every round. No Kubernetes needed.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of agents to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=50))]
+    pub nodes: u8,
+    /// Port every demo agent listens on (each on its own loopback address).
+    #[arg(long, default_value_t = 18080)]
+    pub port: u16,
+    /// Interval between rounds.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Stop after this many rounds (0 = until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub rounds: u64,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything the agent needs to know, typed. Build it with [`Config::try_parse_from`] in
+/// tests; `main` parses the real command line and environment.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kubenurse")]
+pub struct Config {
+    /// URL of the agent's own ingress; `/alwayshappy` is appended (probe `me_ingress`).
+    #[arg(long, env = "KUBENURSE_INGRESS_URL", value_parser = parse_base_url)]
+    pub ingress_url: Option<String>,
+    /// URL of the agent's own service; `/alwayshappy` is appended (probe `me_service`).
+    #[arg(long, env = "KUBENURSE_SERVICE_URL", value_parser = parse_base_url)]
+    pub service_url: Option<String>,
+    /// Skip TLS certificate verification on every probe.
+    #[arg(long, env = "KUBENURSE_INSECURE", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub insecure: bool,
+    /// PEM file with extra CA certificates to trust, on top of the system roots and the
+    /// service-account `ca.crt`.
+    #[arg(long, env = "KUBENURSE_EXTRA_CA")]
+    pub extra_ca: Option<PathBuf>,
+    /// Extra targets, `name:url` entries separated by `|`; each is probed as type `name`.
+    #[arg(long, env = "KUBENURSE_EXTRA_CHECKS", value_parser = parse_extra_checks)]
+    pub extra_checks: Option<ExtraChecks>,
+    /// Namespace the kubenurse pods run in (neighbour discovery) [default: the agent's own
+    /// namespace, from the service-account `namespace` file].
+    #[arg(long, env = "KUBENURSE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Label selector of the kubenurse pods (neighbour discovery); empty selects every pod in
+    /// the namespace, as in the Go agent.
+    #[arg(long, env = "KUBENURSE_NEIGHBOUR_FILTER", default_value = "")]
+    pub neighbour_filter: String,
+    /// How many neighbours each agent probes (0 = all).
+    #[arg(long, env = "KUBENURSE_NEIGHBOUR_LIMIT", default_value_t = 10)]
+    pub neighbour_limit: usize,
+    /// Also probe neighbours on cordoned or unknown nodes (no node watch, no ClusterRole).
+    #[arg(long, env = "KUBENURSE_ALLOW_UNSCHEDULABLE", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub allow_unschedulable: bool,
+    /// Run the `api_server_direct` probe.
+    #[arg(long, env = "KUBENURSE_CHECK_API_SERVER_DIRECT", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub check_api_server_direct: bool,
+    /// Run the `api_server_dns` probe.
+    #[arg(long, env = "KUBENURSE_CHECK_API_SERVER_DNS", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub check_api_server_dns: bool,
+    /// Run the `me_ingress` probe.
+    #[arg(long, env = "KUBENURSE_CHECK_ME_INGRESS", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub check_me_ingress: bool,
+    /// Run the `me_service` probe.
+    #[arg(long, env = "KUBENURSE_CHECK_ME_SERVICE", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub check_me_service: bool,
+    /// Run the neighbour (`path_<node>`) probes.
+    #[arg(long, env = "KUBENURSE_CHECK_NEIGHBOURHOOD", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub check_neighbourhood: bool,
+    /// Time between the starts of two rounds.
+    #[arg(long, env = "KUBENURSE_CHECK_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub check_interval: Duration,
+    /// Keep connections open between rounds instead of a fresh DNS + TCP + TLS path per probe.
+    #[arg(long, env = "KUBENURSE_REUSE_CONNECTIONS", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub reuse_connections: bool,
+    /// How long to keep serving after SIGTERM while `/ready` answers 503.
+    #[arg(long, env = "KUBENURSE_SHUTDOWN_DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_duration: Duration,
+    /// Histogram bucket bounds in seconds, comma-separated, strictly increasing.
+    #[arg(long, env = "KUBENURSE_HISTOGRAM_BUCKETS", value_parser = parse_buckets)]
+    pub histogram_buckets: Option<Buckets>,
+    /// Also serve HTTPS on the TLS listener, and probe neighbours over HTTPS.
+    #[arg(long, env = "KUBENURSE_USE_TLS", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub use_tls: bool,
+    /// PEM certificate (chain) for the TLS listener.
+    #[arg(long, env = "KUBENURSE_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    #[arg(long, env = "KUBENURSE_CERT_KEY")]
+    pub cert_key: Option<PathBuf>,
+    /// Apiserver host (set by Kubernetes in every pod).
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST")]
+    pub kubernetes_service_host: Option<String>,
+    /// Apiserver port (set by Kubernetes in every pod).
+    #[arg(long, env = "KUBERNETES_SERVICE_PORT", default_value_t = 443)]
+    pub kubernetes_service_port: u16,
+    /// DNS name of the apiserver service (probe `api_server_dns`).
+    #[arg(long, env = "KUBERNETES_SERVICE_DNS", default_value = "kubernetes.default.svc.cluster.local")]
+    pub kubernetes_service_dns: String,
+    /// Plain HTTP listener.
+    #[arg(long, env = "KUBENURSE_LISTEN_ADDR", default_value = "[::]:8080")]
+    pub listen_addr: SocketAddr,
+    /// TLS listener (with `KUBENURSE_USE_TLS=true`).
+    #[arg(long, env = "KUBENURSE_TLS_LISTEN_ADDR", default_value = "[::]:8443")]
+    pub tls_listen_addr: SocketAddr,
+    /// Port probed on neighbours [default: 8080, or 8443 with TLS].
+    #[arg(long, env = "KUBENURSE_NEIGHBOUR_PORT")]
+    pub neighbour_port: Option<u16>,
+    /// This agent's pod name [default: the hostname].
+    #[arg(long, env = "KUBENURSE_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// This agent's node name [default: read from the own pod].
+    #[arg(long, env = "KUBENURSE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Directory with the service-account `token` and `ca.crt`.
+    #[arg(long, env = "KUBENURSE_SERVICE_ACCOUNT_DIR", default_value = "/var/run/secrets/kubernetes.io/serviceaccount")]
+    pub service_account_dir: PathBuf,
+    /// Deadline of one probe, from start to response headers.
+    #[arg(long, env = "KUBENURSE_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub check_timeout: Duration,
+    /// A probe slower than this (or failed) is exported as a span.
+    #[arg(long, env = "KUBENURSE_SLOW_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
+    pub slow_threshold: Duration,
+    /// Static neighbours `node=host:port,…`, used instead of the Kubernetes API.
+    #[arg(long, env = "KUBENURSE_NEIGHBOURS", value_parser = parse_static_neighbours)]
+    pub neighbours: Option<StaticNeighbours>,
+    /// Kubeconfig to use when not running in a pod (only when set explicitly).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "KUBENURSE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// One `KUBENURSE_EXTRA_CHECKS` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraCheck {
+    pub name: String,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraChecks(pub Vec<ExtraCheck>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buckets(pub Vec<f64>);
+
+/// One `KUBENURSE_NEIGHBOURS` entry: a node and the `host:port` its agent listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticNeighbour {
+    pub node: String,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticNeighbours(pub Vec<StaticNeighbour>);
+
+/// A configuration that cannot work, named after the variable that holds it.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}={value:?}: {problem}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub value: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: &str, value: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { variable: variable.to_owned(), value: value.into(), problem: problem.into() }
+    }
+}
+
+impl Config {
+    /// Cross-field checks that a single value parser cannot make.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let nonzero = [
+            ("KUBENURSE_CHECK_INTERVAL", self.check_interval),
+            ("KUBENURSE_CHECK_TIMEOUT", self.check_timeout),
+        ];
+        for (variable, value) in nonzero {
+            if value.is_zero() {
+                return Err(ConfigError::new(variable, "0s", "must be greater than zero"));
+            }
+        }
+        if self.use_tls {
+            for (variable, value) in [("KUBENURSE_CERT_FILE", &self.cert_file), ("KUBENURSE_CERT_KEY", &self.cert_key)] {
+                match value {
+                    None => return Err(ConfigError::new(variable, "", "required with KUBENURSE_USE_TLS=true")),
+                    Some(path) if !path.is_file() => {
+                        return Err(ConfigError::new(variable, path.display().to_string(), "no such file"))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(path) = &self.extra_ca {
+            if !path.is_file() {
+                return Err(ConfigError::new("KUBENURSE_EXTRA_CA", path.display().to_string(), "no such file"));
+            }
+        }
+        if let Some(name) = &self.pod_name {
+            check_name("KUBENURSE_POD_NAME", name)?;
+        }
+        if let Some(name) = &self.node_name {
+            check_name("KUBENURSE_NODE_NAME", name)?;
+        }
+        if let Some(host) = &self.kubernetes_service_host {
+            if host.is_empty() || host.contains(['/', ' ']) {
+                return Err(ConfigError::new("KUBERNETES_SERVICE_HOST", host.clone(), "not a host name or IP address"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The histogram bounds in seconds.
+    pub fn buckets(&self) -> Vec<f64> {
+        self.histogram_buckets.as_ref().map_or_else(|| DEFAULT_BUCKETS.to_vec(), |b| b.0.clone())
+    }
+
+    /// The port probed on neighbours.
+    pub fn effective_neighbour_port(&self) -> u16 {
+        self.neighbour_port.unwrap_or(if self.use_tls { 8443 } else { 8080 })
+    }
+
+    /// The extra checks, empty when none are configured.
+    pub fn extra_checks(&self) -> &[ExtraCheck] {
+        self.extra_checks.as_ref().map_or(&[], |c| c.0.as_slice())
+    }
+}
+
+/// Turns a clap error into the one-line message `main` prints, naming the variable.
+pub fn describe_clap_error(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let arg = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let long = arg.trim_start_matches("--").split([' ', '=']).next().unwrap_or_default().to_owned();
+    let command = <Cli as clap::CommandFactory>::command();
+    let env = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))
+        .and_then(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned());
+    let reason = std::error::Error::source(err).map(ToString::to_string);
+    match (env, value, reason) {
+        (Some(env), Some(value), Some(reason)) => format!("{env} (--{long})={value:?}: {reason}"),
+        (Some(env), Some(value), None) => format!("{env} (--{long})={value:?}: invalid value"),
+        _ => err.to_string().lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_owned(),
+    }
+}
+
+fn check_name(variable: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 253 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        return Err(ConfigError::new(variable, name, "not a Kubernetes object name (lowercase letters, digits, '-', '.')"));
+    }
+    Ok(())
+}
+
+/// `true`/`false` (and `1`/`0`, `yes`/`no`), case-insensitive, like Go's `strconv.ParseBool`
+/// plus the common shell spellings.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" | "yes" | "y" | "on" => Ok(true),
+        "false" | "f" | "0" | "no" | "n" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// A humantime duration (`5s`, `1m30s`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("not a duration like 5s or 1m30s ({e})"))
+}
+
+/// An `http://` or `https://` URL with a host; returned without a trailing slash.
+fn parse_base_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("URL must start with http:// or https://".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("URL has no host".into());
+    }
+    if uri.query().is_some() {
+        return Err("URL must not have a query; /alwayshappy is appended to it".into());
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+fn parse_buckets(s: &str) -> Result<Buckets, String> {
+    let mut bounds = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let value: f64 = part.parse().map_err(|_| format!("{part:?} is not a number of seconds"))?;
+        if !value.is_finite() || value <= 0.0 {
+            return Err(format!("{part:?} must be a positive number of seconds"));
+        }
+        if bounds.last().is_some_and(|&last| value <= last) {
+            return Err(format!("bounds must be strictly increasing ({part} after {})", bounds.last().unwrap_or(&0.0)));
+        }
+        bounds.push(value);
+    }
+    if bounds.len() > 64 {
+        return Err("at most 64 bounds".into());
+    }
+    Ok(Buckets(bounds))
+}
+
+/// Extra check names become the `type` label: short, plain and distinct from the agent's own.
+fn check_type_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("check name {name:?} must be 1 to 63 characters"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
+        return Err(format!("check name {name:?} may only hold letters, digits, '_', '-' and '.'"));
+    }
+    if RESERVED_TYPES.contains(&name) || name.starts_with("path_") {
+        return Err(format!("check name {name:?} is used by the agent's own probes"));
+    }
+    Ok(())
+}
+
+fn parse_extra_checks(s: &str) -> Result<ExtraChecks, String> {
+    let mut checks: Vec<ExtraCheck> = Vec::new();
+    for entry in s.split('|').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, url) = entry.split_once(':').ok_or_else(|| format!("entry {entry:?} is not name:url"))?;
+        check_type_name(name)?;
+        let url = parse_url(url).map_err(|e| format!("entry {name:?}: {e}"))?;
+        if checks.iter().any(|c| c.name == name) {
+            return Err(format!("check name {name:?} appears twice"));
+        }
+        checks.push(ExtraCheck { name: name.to_owned(), url });
+    }
+    Ok(ExtraChecks(checks))
+}
+
+/// A full target URL (extra checks are probed as given, path included).
+fn parse_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(s.to_owned()),
+        _ => Err(format!("{s:?} is not an http:// or https:// URL with a host")),
+    }
+}
+
+fn parse_static_neighbours(s: &str) -> Result<StaticNeighbours, String> {
+    let mut neighbours: Vec<StaticNeighbour> = Vec::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (node, addr) = entry.split_once('=').ok_or_else(|| format!("entry {entry:?} is not node=host:port"))?;
+        check_name("node", node).map_err(|_| format!("{node:?} is not a node name"))?;
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("{addr:?} has no :port"))?;
+        let port: u16 = port.parse().map_err(|_| format!("{addr:?}: port is not a number from 1 to 65535"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 || format!("http://{}/", bracket(host)).parse::<http::Uri>().is_err() {
+            return Err(format!("{addr:?} is not host:port"));
+        }
+        if neighbours.iter().any(|n| n.node == node) {
+            return Err(format!("node {node:?} appears twice"));
+        }
+        neighbours.push(StaticNeighbour { node: node.to_owned(), host: host.to_owned(), port });
+    }
+    Ok(StaticNeighbours(neighbours))
+}
+
+/// Brackets IPv6 literals for use in URLs.
+pub fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cfg = Config::try_parse_from(std::iter::once("kubenurse").chain(args.iter().copied()))
+            .map_err(|e| describe_clap_error_for(&e))?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    fn describe_clap_error_for(e: &clap::Error) -> String {
+        describe_clap_error(e)
+    }
+
+    #[test]
+    fn defaults_match_the_go_agent() {
+        let c = parse(&[]).expect("defaults are valid");
+        assert_eq!(c.check_interval, Duration::from_secs(5));
+        assert_eq!(c.shutdown_duration, Duration::from_secs(5));
+        assert_eq!(c.check_timeout, Duration::from_secs(5));
+        assert_eq!(c.neighbour_limit, 10);
+        assert_eq!(c.neighbour_filter, "");
+        assert_eq!(c.namespace, None);
+        assert_eq!(c.kubernetes_service_dns, "kubernetes.default.svc.cluster.local");
+        assert_eq!(c.buckets(), DEFAULT_BUCKETS.to_vec());
+        assert_eq!(c.listen_addr, "[::]:8080".parse().expect("addr"));
+        assert_eq!(c.effective_neighbour_port(), 8080);
+        assert!(c.check_api_server_direct && c.check_neighbourhood && !c.insecure && !c.reuse_connections);
+    }
+
+    #[test]
+    fn values_are_typed() {
+        let c = parse(&[
+            "--check-interval=1m30s",
+            "--neighbour-limit=0",
+            "--histogram-buckets=0.001, 0.1,2",
+            "--extra-checks=google:https://example.test/healthz|local:http://127.0.0.1:9/x",
+            "--neighbours=node-a=127.0.0.2:8080,node-b=[::1]:9090",
+            "--insecure=TRUE",
+        ])
+        .expect("valid");
+        assert_eq!(c.check_interval, Duration::from_secs(90));
+        assert_eq!(c.neighbour_limit, 0);
+        assert_eq!(c.buckets(), vec![0.001, 0.1, 2.0]);
+        assert_eq!(c.extra_checks().len(), 2);
+        assert_eq!(c.extra_checks()[0].url, "https://example.test/healthz");
+        let n = c.neighbours.expect("neighbours").0;
+        assert_eq!(n[1], StaticNeighbour { node: "node-b".into(), host: "::1".into(), port: 9090 });
+        assert!(c.insecure);
+    }
+
+    #[test]
+    fn every_bad_value_is_named_in_one_line() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--check-interval=5 parsecs"], "KUBENURSE_CHECK_INTERVAL"),
+            (&["--check-interval=0s"], "KUBENURSE_CHECK_INTERVAL"),
+            (&["--check-timeout=0s"], "KUBENURSE_CHECK_TIMEOUT"),
+            (&["--shutdown-duration=soon"], "KUBENURSE_SHUTDOWN_DURATION"),
+            (&["--neighbour-limit=-1"], "KUBENURSE_NEIGHBOUR_LIMIT"),
+            (&["--neighbour-limit=ten"], "KUBENURSE_NEIGHBOUR_LIMIT"),
+            (&["--histogram-buckets=0.1,0.05"], "KUBENURSE_HISTOGRAM_BUCKETS"),
+            (&["--histogram-buckets=0.1,0.1"], "KUBENURSE_HISTOGRAM_BUCKETS"),
+            (&["--histogram-buckets=0.1,fast"], "KUBENURSE_HISTOGRAM_BUCKETS"),
+            (&["--histogram-buckets=-1"], "KUBENURSE_HISTOGRAM_BUCKETS"),
+            (&["--extra-checks=nocolon"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=bad name:http://x"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=me_ingress:http://x"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=a:ftp://x"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=a:http://x|a:http://y"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--listen-addr=localhost"], "KUBENURSE_LISTEN_ADDR"),
+            (&["--tls-listen-addr=1.2.3.4:99999"], "KUBENURSE_TLS_LISTEN_ADDR"),
+            (&["--ingress-url=not a url"], "KUBENURSE_INGRESS_URL"),
+            (&["--service-url=kubenurse:8080"], "KUBENURSE_SERVICE_URL"),
+            (&["--use-tls=true"], "KUBENURSE_CERT_FILE"),
+            (&["--use-tls=maybe"], "KUBENURSE_USE_TLS"),
+            (&["--neighbours=node-a"], "KUBENURSE_NEIGHBOURS"),
+            (&["--neighbours=node-a=127.0.0.1:0"], "KUBENURSE_NEIGHBOURS"),
+            (&["--extra-ca=/nonexistent/ca.pem"], "KUBENURSE_EXTRA_CA"),
+            (&["--kubernetes-service-port=https"], "KUBERNETES_SERVICE_PORT"),
+            (&["--pod-name=Bad_Name"], "KUBENURSE_POD_NAME"),
+        ];
+        for (args, variable) in cases {
+            let err = parse(args).expect_err(&format!("{args:?} must be rejected"));
+            assert!(err.contains(variable), "{args:?}: {err:?} does not name {variable}");
+            assert!(!err.contains('\n'), "{args:?}: message has several lines: {err:?}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_variable() {
+        let help = <Cli as clap::CommandFactory>::command().render_long_help().to_string();
+        for variable in ["KUBENURSE_INGRESS_URL", "KUBENURSE_EXTRA_CHECKS", "KUBENURSE_HISTOGRAM_BUCKETS", "KUBERNETES_SERVICE_DNS", "KUBENURSE_NEIGHBOURS"] {
+            assert!(help.contains(variable), "--help lacks {variable}");
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! kubenurse: a Kubernetes network health agent, compatible with postfinance/kubenurse and
+//! OpenTelemetry-native.
+//!
+//! Data flows one way: [`config`] → [`discovery`] → [`selection`] → [`scheduler`] →
+//! [`probe`] → [`metrics`], with [`server`] reading shared state. [`agent`] wires one agent.
+
+pub mod agent;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod incoming;
+pub mod kube_client;
+pub mod listener;
+pub mod metrics;
+pub mod phase;
+pub mod probe;
+pub mod scheduler;
+pub mod selection;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,49 @@
+use clap::Parser;
+use kubenurse::agent::Agent;
+use kubenurse::config::{describe_clap_error, Cli, Command, EXIT_USAGE};
+use kubenurse::{demo, shutdown, telemetry};
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => fail(&describe_clap_error(&e)),
+    };
+    telemetry::init_logging(cli.config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Some(Command::Demo(args)) => demo::run(args, cli.config).await,
+            None => run(cli.config).await,
+        }
+    });
+    std::process::exit(code);
+}
+
+async fn run(config: kubenurse::config::Config) -> i32 {
+    let agent = match Agent::start(config).await {
+        Ok(agent) => agent,
+        Err(e) if e.is_config() => fail(&e.to_string()),
+        Err(e) => {
+            eprintln!("kubenurse cannot start: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = shutdown::first_signal().await {
+        eprintln!("cannot wait for signals: {e}");
+        return 1;
+    }
+    agent.shutdown().await;
+    0
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("invalid configuration: {message}");
+    std::process::exit(EXIT_USAGE);
+}

@@ -1,0 +1,236 @@
+//! What one probe observed: the instant of each request phase, and how it ended.
+//!
+//! These types are plain data. The probe client fills them, the metrics and the `/alive`
+//! handler read them; the label strings here are the closed sets of SPEC §5.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// A point in a request's life, as Go's `httptrace` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Event {
+    DnsStart,
+    DnsDone,
+    ConnectStart,
+    ConnectDone,
+    TlsHandshakeStart,
+    TlsHandshakeDone,
+    GotConn,
+    WroteRequest,
+    GotFirstRespByte,
+}
+
+impl Event {
+    pub const ALL: [Event; 9] = [
+        Event::DnsStart,
+        Event::DnsDone,
+        Event::ConnectStart,
+        Event::ConnectDone,
+        Event::TlsHandshakeStart,
+        Event::TlsHandshakeDone,
+        Event::GotConn,
+        Event::WroteRequest,
+        Event::GotFirstRespByte,
+    ];
+
+    /// The `event` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Event::DnsStart => "dns_start",
+            Event::DnsDone => "dns_done",
+            Event::ConnectStart => "connect_start",
+            Event::ConnectDone => "connect_done",
+            Event::TlsHandshakeStart => "tls_handshake_start",
+            Event::TlsHandshakeDone => "tls_handshake_done",
+            Event::GotConn => "got_conn",
+            Event::WroteRequest => "wrote_request",
+            Event::GotFirstRespByte => "got_first_resp_byte",
+        }
+    }
+}
+
+/// The phase in which a request failed before it got a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailedPhase {
+    /// Name resolution failed.
+    Dns,
+    /// No TCP connection could be made.
+    Connect,
+    /// The TLS handshake failed (untrusted certificate, protocol error).
+    Tls,
+    /// Writing the request failed.
+    WriteRequest,
+    /// Everything else: the deadline, a reset while waiting, a malformed response.
+    RoundTrip,
+}
+
+impl FailedPhase {
+    /// The `event` label value of `kubenurse_errors_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailedPhase::Dns => "dns_done",
+            FailedPhase::Connect => "connect_done",
+            FailedPhase::Tls => "tls_handshake_done",
+            FailedPhase::WriteRequest => "wrote_request",
+            FailedPhase::RoundTrip => "round_trip_error",
+        }
+    }
+}
+
+/// A neighbour's identity, carried on its probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub node: String,
+    pub pod: String,
+}
+
+/// What to probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The `type` label: `api_server_direct`, `path_<node>`, an extra check's name, …
+    pub kind: String,
+    pub url: http::Uri,
+    /// Send the service-account bearer token (apiserver probes only).
+    pub bearer_token: bool,
+    /// Set for neighbour probes: who is on the other side.
+    pub peer: Option<Peer>,
+}
+
+/// How a probe ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response arrived; only 200 counts as success.
+    Response { status: u16 },
+    /// No response.
+    Failed { phase: FailedPhase, error: String },
+}
+
+/// Everything one probe observed.
+#[derive(Debug, Clone)]
+pub struct ProbeResult {
+    pub target: Arc<Target>,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    /// Events that completed, as offsets from `started`, in the order they happened.
+    pub events: Vec<(Event, Duration)>,
+    /// From start to the response headers, when a response arrived.
+    pub response_after: Option<Duration>,
+    /// From start to the end of the probe (response headers, or the failure).
+    pub elapsed: Duration,
+    pub outcome: Outcome,
+}
+
+impl ProbeResult {
+    /// HTTP 200 and nothing else.
+    pub fn is_ok(&self) -> bool {
+        self.outcome == Outcome::Response { status: 200 }
+    }
+
+    /// The `code` label of `kubenurse_httpclient_requests_total`.
+    pub fn code_label(&self) -> Cow<'static, str> {
+        match &self.outcome {
+            Outcome::Response { status } => Cow::Owned(status.to_string()),
+            Outcome::Failed { .. } => Cow::Borrowed("round_trip_error"),
+        }
+    }
+
+    /// The `event` label of `kubenurse_errors_total`, when the probe failed.
+    pub fn error_event(&self) -> Option<Cow<'static, str>> {
+        match &self.outcome {
+            Outcome::Response { status: 200 } => None,
+            Outcome::Response { status } => Some(Cow::Owned(format!("status_code_{status}"))),
+            Outcome::Failed { phase, .. } => Some(Cow::Borrowed(phase.label())),
+        }
+    }
+
+    /// The `/alive` text: `ok`, the status line, or the error.
+    pub fn summary(&self) -> String {
+        match &self.outcome {
+            Outcome::Response { status: 200 } => "ok".to_owned(),
+            Outcome::Response { status } => {
+                let reason = http::StatusCode::from_u16(*status).ok().and_then(|s| s.canonical_reason());
+                format!("{status} {}", reason.unwrap_or_default()).trim_end().to_owned()
+            }
+            Outcome::Failed { error, .. } => error.clone(),
+        }
+    }
+
+    /// The offset at which `event` happened, if it did.
+    pub fn event(&self, event: Event) -> Option<Duration> {
+        self.events.iter().find(|(e, _)| *e == event).map(|(_, d)| *d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome) -> ProbeResult {
+        ProbeResult {
+            target: Arc::new(Target {
+                kind: "me_service".into(),
+                url: "http://127.0.0.1/alwayshappy".parse().expect("uri"),
+                bearer_token: false,
+                peer: None,
+            }),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            events: vec![(Event::GotConn, Duration::from_millis(1))],
+            response_after: None,
+            elapsed: Duration::from_millis(2),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn only_200_is_success() {
+        assert!(result(Outcome::Response { status: 200 }).is_ok());
+        for status in [201, 204, 301, 404, 500] {
+            assert!(!result(Outcome::Response { status }).is_ok(), "{status}");
+        }
+    }
+
+    #[test]
+    fn failures_are_classified_into_closed_label_sets() {
+        let r = result(Outcome::Response { status: 503 });
+        assert_eq!(r.code_label(), "503");
+        assert_eq!(r.error_event().as_deref(), Some("status_code_503"));
+        assert_eq!(r.summary(), "503 Service Unavailable");
+
+        let cases = [
+            (FailedPhase::Dns, "dns_done"),
+            (FailedPhase::Connect, "connect_done"),
+            (FailedPhase::Tls, "tls_handshake_done"),
+            (FailedPhase::WriteRequest, "wrote_request"),
+            (FailedPhase::RoundTrip, "round_trip_error"),
+        ];
+        for (phase, label) in cases {
+            let r = result(Outcome::Failed { phase, error: "boom at 10.1.2.3".into() });
+            assert_eq!(r.code_label(), "round_trip_error");
+            assert_eq!(r.error_event().as_deref(), Some(label));
+            assert_eq!(r.summary(), "boom at 10.1.2.3");
+        }
+        assert_eq!(result(Outcome::Response { status: 200 }).error_event(), None);
+        assert_eq!(result(Outcome::Response { status: 200 }).summary(), "ok");
+    }
+
+    #[test]
+    fn event_labels_are_the_go_names() {
+        let labels: Vec<&str> = Event::ALL.iter().map(|e| e.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "dns_start",
+                "dns_done",
+                "connect_start",
+                "connect_done",
+                "tls_handshake_start",
+                "tls_handshake_done",
+                "got_conn",
+                "wrote_request",
+                "got_first_resp_byte"
+            ]
+        );
+    }
+}
