@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::Extension;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
@@ -44,7 +44,7 @@ impl AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/", get(|| async { Redirect::permanent("/alive") }))
+        .route("/", get(|| async { (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, "/alive")]) }))
         .route("/alive", get(alive))
         .route("/alwayshappy", get(always_happy))
         .route("/ready", get(ready))

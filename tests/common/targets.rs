@@ -1,0 +1,161 @@
+//! Probe targets on loopback: plain HTTP answering by path, an HTTPS server with a
+//! certificate from a test CA, and a port that refuses connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// Paths: `/ok` 200, `/status/{code}` that code, `/slow` 200 after 3 s, `/alwayshappy` 200.
+pub fn routes(hits: Arc<AtomicUsize>) -> Router {
+    Router::new()
+        .route("/ok", get(|| async { StatusCode::OK }))
+        .route("/alwayshappy", get(|| async { StatusCode::OK }))
+        .route(
+            "/status/{code}",
+            get(
+                |axum::extract::Path(code): axum::extract::Path<u16>| async move {
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
+                },
+            ),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                StatusCode::OK
+            }),
+        )
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                hits.fetch_add(1, Ordering::SeqCst);
+                next.run(req)
+            },
+        ))
+}
+
+/// A running target server.
+pub struct Target {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Target {
+    /// Plain HTTP on `ip`:0.
+    pub async fn http(ip: &str) -> Target {
+        Self::start(ip, None).await
+    }
+
+    /// HTTPS on `ip`:0 with a certificate for `127.0.0.1` and `localhost` signed by `ca`.
+    pub async fn https(ip: &str, ca: &TestCa) -> Target {
+        Self::start(ip, Some(ca.server_config(&["127.0.0.1", "localhost"]))).await
+    }
+
+    async fn start(ip: &str, tls: Option<rustls::ServerConfig>) -> Target {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind target");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let router = routes(hits.clone());
+        let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let service = TowerToHyperService::new(router.clone());
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    http.timer(TokioTimer::new());
+                    match acceptor {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Target { addr, hits, task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn https_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.addr.port())
+    }
+}
+
+/// An address on `ip` where nothing listens: connections are refused.
+pub async fn refused_addr(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// A certificate authority for tests.
+pub struct TestCa {
+    pub cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("ca cert");
+        TestCa {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf certificate and key (PEM) for `names`.
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    pub fn server_config(&self, names: &[&str]) -> rustls::ServerConfig {
+        use rustls::pki_types::pem::PemObject;
+        let (cert, key) = self.leaf_pem(names);
+        let certs =
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert")];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config")
+    }
+}

@@ -1,0 +1,125 @@
+//! The HTTP endpoints of SPEC §4 on a running agent.
+
+mod common;
+
+use common::agent::{get, get_with, metric, start, wait_round};
+use common::targets::Target;
+
+#[tokio::test]
+async fn readiness_and_alive_follow_the_first_round() {
+    let target = Target::http("127.0.0.1").await;
+    // The first round takes ~1 s (a slow target and a 1 s deadline): long enough to look.
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=1h".into(),
+        "--check-timeout=1s".into(),
+        format!("--extra-checks=slow:{}", target.url("/slow")),
+    ])
+    .await;
+    assert_eq!(get(agent.local_addr, "/ready").await.0, 503, "not ready before the first round");
+    assert_eq!(get(agent.local_addr, "/alive").await.0, 500, "no results before the first round");
+    assert_eq!(get(agent.local_addr, "/alwayshappy").await, (200, String::new()));
+
+    wait_round(&agent, 1).await;
+    assert_eq!(get(agent.local_addr, "/ready").await.0, 200);
+    let (status, body) = get(agent.local_addr, "/alive").await;
+    assert_eq!(status, 500, "a failed probe makes /alive 500");
+    assert!(body.starts_with("{\n \"hostname\""), "pretty JSON with a one-space indent: {body}");
+
+    agent.start_draining();
+    assert_eq!(get(agent.local_addr, "/ready").await.0, 503, "draining");
+    assert_eq!(get(agent.local_addr, "/alwayshappy").await.0, 200, "still serving while draining");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn alive_is_200_when_everything_is_ok_or_skipped() {
+    let target = Target::http("127.0.0.1").await;
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=1h".into(),
+        format!("--extra-checks=ok:{}", target.url("/ok")),
+    ])
+    .await;
+    wait_round(&agent, 1).await;
+    let (status, body) = get_with(agent.local_addr, "/alive?x=1", &[("user-agent", "probe-test/1")]).await;
+    assert_eq!(status, 200, "{body}");
+    let alive: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let keys: Vec<&str> = alive.as_object().expect("object").keys().map(String::as_str).collect();
+    assert_eq!(keys, ["hostname", "headers", "user_agent", "request_uri", "remote_addr", "last_check_result"]);
+    assert_eq!(alive["user_agent"], "probe-test/1");
+    assert_eq!(alive["request_uri"], "/alive?x=1");
+    assert_eq!(alive["headers"]["User-Agent"][0], "probe-test/1");
+    assert!(alive["remote_addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")));
+    let results = &alive["last_check_result"];
+    assert_eq!(results["ok"], "ok");
+    for skipped in ["api_server_direct", "api_server_dns", "me_ingress", "me_service", "neighbourhood_state"] {
+        assert_eq!(results[skipped], "skipped", "{skipped}");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn root_redirects_to_alive() {
+    let agent = start(&["--listen-addr=127.0.0.1:0".into(), "--check-interval=1h".into()]).await;
+    let (status, _) = get(agent.local_addr, "/").await;
+    assert_eq!(status, 301);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn incoming_checks_count_distinct_origins() {
+    let agent = start(&["--listen-addr=127.0.0.1:0".into(), "--check-interval=1h".into()]).await;
+    for origin in ["kubenurse-a", "kubenurse-b", "kubenurse-a", "kubenurse-c"] {
+        let (status, _) = get_with(agent.local_addr, "/alwayshappy", &[("KUBENURSE-NEIGHBOUR-ORIGIN", origin)]).await;
+        assert_eq!(status, 200);
+    }
+    // Made-up, oversized origins are answered but not counted.
+    let long = "x".repeat(300);
+    assert_eq!(get_with(agent.local_addr, "/alwayshappy", &[("KUBENURSE-NEIGHBOUR-ORIGIN", &long)]).await.0, 200);
+    let (_, text) = get(agent.local_addr, "/metrics").await;
+    assert_eq!(metric(&text, "kubenurse_neighbourhood_incoming_checks", &[]), Some(3.0), "{text}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_carry_no_scope_labels() {
+    let target = Target::http("127.0.0.1").await;
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=1h".into(),
+        format!("--extra-checks=ok:{}|bad:{}", target.url("/ok"), target.url("/status/503")),
+    ])
+    .await;
+    wait_round(&agent, 1).await;
+    let (status, text) = get(agent.local_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("otel_scope"), "scope labels leak into /metrics");
+    assert!(!text.contains("target_info"));
+    // Default buckets are Prometheus' classic ones.
+    let bounds: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("kubenurse_httpclient_request_duration_seconds_bucket{type=\"ok\""))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(bounds, ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "+Inf"]);
+
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) must be installed: .ci/run installs it");
+    use std::io::Write;
+    let mut child = promtool;
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("promtool ran");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.stop().await;
+}
