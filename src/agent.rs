@@ -35,6 +35,22 @@ impl StartError {
     }
 }
 
+/// An agent whose listeners are bound but which does not probe or serve yet.
+pub struct Bound {
+    config: Config,
+    source: Source,
+    fixed: Vec<Arc<crate::phase::Target>>,
+    skipped: Vec<crate::scheduler::Skipped>,
+    prober: Arc<Prober>,
+    metrics: Arc<Metrics>,
+    incoming: Arc<IncomingChecks>,
+    pod_name: String,
+    plain: tokio::net::TcpListener,
+    pub local_addr: SocketAddr,
+    secure: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+    pub tls_local_addr: Option<SocketAddr>,
+}
+
 /// A started agent.
 pub struct Agent {
     config: Config,
@@ -51,6 +67,11 @@ pub struct Agent {
 impl Agent {
     /// Validates `config`, binds the listeners and starts discovery, rounds and serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Ok(Self::bind(config).await?.run())
+    }
+
+    /// Validates `config` and binds the listeners; nothing runs until [`Bound::run`].
+    pub async fn bind(config: Config) -> Result<Bound, StartError> {
         config.validate()?;
         let pod_name = config.pod_name.clone().unwrap_or_else(hostname);
         let client_tls = tls::client_config(&config.service_account_dir.join("ca.crt"), config.extra_ca.as_deref(), config.insecure)
@@ -112,6 +133,14 @@ impl Agent {
         };
         let tls_local_addr = secure.as_ref().and_then(|(l, _)| l.local_addr().ok());
 
+        Ok(Bound { config, source, fixed, skipped, prober, metrics, incoming, pod_name, plain, local_addr, secure, tls_local_addr })
+    }
+}
+
+impl Bound {
+    /// Starts discovery, rounds and serving.
+    pub fn run(self) -> Agent {
+        let Bound { config, source, fixed, skipped, prober, metrics, incoming, pod_name, plain, local_addr, secure, tls_local_addr } = self;
         let discovery = Discovery::start(source);
         let (reports_tx, reports) = watch::channel(None);
         let (stop_probing, probing_rx) = watch::channel(false);
@@ -148,9 +177,11 @@ impl Agent {
             tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, serving_rx)));
         }
         tracing::info!(%local_addr, tls = ?tls_local_addr, "kubenurse started");
-        Ok(Self { config, local_addr, tls_local_addr, metrics, reports, draining, stop_probing, stop_serving, tasks })
+        Agent { config, local_addr, tls_local_addr, metrics, reports, draining, stop_probing, stop_serving, tasks }
     }
+}
 
+impl Agent {
     /// The latest round report, and a way to wait for the next.
     pub fn reports(&self) -> watch::Receiver<Option<Arc<RoundReport>>> {
         self.reports.clone()

@@ -37,14 +37,16 @@ pub async fn run(args: DemoArgs, base: Config) -> i32 {
                 .map(|(other, a)| StaticNeighbour { node: other.clone(), host: a.ip().to_string(), port: a.port() })
                 .collect(),
         ));
-        match Agent::start(config).await {
-            Ok(agent) => agents.push(agent),
+        // Bind every listener before any agent starts probing, so round 1 finds its peers.
+        match Agent::bind(config).await {
+            Ok(bound) => agents.push(bound),
             Err(e) => {
                 eprintln!("demo: cannot start agent {name} on {addr}: {e}");
                 return 1;
             }
         }
     }
+    let agents: Vec<Agent> = agents.into_iter().map(crate::agent::Bound::run).collect();
     println!("kubenurse demo: {} agents on {}…; /metrics and /alive on each, e.g. http://{}/alive", nodes.len(), nodes[0].1.ip(), nodes[0].1);
     let mut first = agents[0].reports();
     let mut printed = 0;

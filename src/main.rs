@@ -9,7 +9,9 @@ fn main() {
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => fail(&describe_clap_error(&e)),
     };
-    telemetry::init_logging(cli.config.log_format);
+    // The demo prints a table; its agents only log what needs attention.
+    let default_level = if cli.command.is_some() { "warn" } else { "info" };
+    telemetry::init_logging(cli.config.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
