@@ -74,8 +74,9 @@ impl Agent {
     pub async fn bind(config: Config) -> Result<Bound, StartError> {
         config.validate()?;
         let pod_name = config.pod_name.clone().unwrap_or_else(hostname);
-        let client_tls = tls::client_config(&config.service_account_dir.join("ca.crt"), config.extra_ca.as_deref(), config.insecure)
-            .map_err(|e| ConfigError::new("KUBENURSE_EXTRA_CA", display_path(&config.extra_ca), e.to_string()))?;
+        let client_tls =
+            tls::client_config(&config.service_account_dir.join("ca.crt"), config.extra_ca.as_deref(), config.insecure)
+                .map_err(|e| ConfigError::new("KUBENURSE_EXTRA_CA", display_path(&config.extra_ca), e.to_string()))?;
         let server_tls = match (&config.cert_file, &config.cert_key) {
             (Some(cert), Some(key)) if config.use_tls => Some(
                 tls::server_config(cert, key)
@@ -121,7 +122,8 @@ impl Agent {
         let plain = listener::bind(config.listen_addr)
             .await
             .map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
-        let local_addr = plain.local_addr().map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
+        let local_addr =
+            plain.local_addr().map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
         let secure = match server_tls {
             Some(tls) => {
                 let l = listener::bind(config.tls_listen_addr)
@@ -133,14 +135,40 @@ impl Agent {
         };
         let tls_local_addr = secure.as_ref().and_then(|(l, _)| l.local_addr().ok());
 
-        Ok(Bound { config, source, fixed, skipped, prober, metrics, incoming, pod_name, plain, local_addr, secure, tls_local_addr })
+        Ok(Bound {
+            config,
+            source,
+            fixed,
+            skipped,
+            prober,
+            metrics,
+            incoming,
+            pod_name,
+            plain,
+            local_addr,
+            secure,
+            tls_local_addr,
+        })
     }
 }
 
 impl Bound {
     /// Starts discovery, rounds and serving.
     pub fn run(self) -> Agent {
-        let Bound { config, source, fixed, skipped, prober, metrics, incoming, pod_name, plain, local_addr, secure, tls_local_addr } = self;
+        let Bound {
+            config,
+            source,
+            fixed,
+            skipped,
+            prober,
+            metrics,
+            incoming,
+            pod_name,
+            plain,
+            local_addr,
+            secure,
+            tls_local_addr,
+        } = self;
         let discovery = Discovery::start(source);
         let (reports_tx, reports) = watch::channel(None);
         let (stop_probing, probing_rx) = watch::channel(false);

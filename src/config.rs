@@ -17,7 +17,12 @@ pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 const RESERVED_TYPES: [&str; 4] = ["api_server_direct", "api_server_dns", "me_ingress", "me_service"];
 
 #[derive(Debug, Parser)]
-#[command(name = "kubenurse", version, about = "Kubernetes network health agent", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "kubenurse",
+    version,
+    about = "Kubernetes network health agent",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -151,7 +156,11 @@ pub struct Config {
     #[arg(long, env = "KUBENURSE_NODE_NAME")]
     pub node_name: Option<String>,
     /// Directory with the service-account `token` and `ca.crt`.
-    #[arg(long, env = "KUBENURSE_SERVICE_ACCOUNT_DIR", default_value = "/var/run/secrets/kubernetes.io/serviceaccount")]
+    #[arg(
+        long,
+        env = "KUBENURSE_SERVICE_ACCOUNT_DIR",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount"
+    )]
     pub service_account_dir: PathBuf,
     /// Deadline of one probe, from start to response headers.
     #[arg(long, env = "KUBENURSE_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -212,17 +221,16 @@ impl ConfigError {
 impl Config {
     /// Cross-field checks that a single value parser cannot make.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let nonzero = [
-            ("KUBENURSE_CHECK_INTERVAL", self.check_interval),
-            ("KUBENURSE_CHECK_TIMEOUT", self.check_timeout),
-        ];
+        let nonzero =
+            [("KUBENURSE_CHECK_INTERVAL", self.check_interval), ("KUBENURSE_CHECK_TIMEOUT", self.check_timeout)];
         for (variable, value) in nonzero {
             if value.is_zero() {
                 return Err(ConfigError::new(variable, "0s", "must be greater than zero"));
             }
         }
         if self.use_tls {
-            for (variable, value) in [("KUBENURSE_CERT_FILE", &self.cert_file), ("KUBENURSE_CERT_KEY", &self.cert_key)] {
+            for (variable, value) in [("KUBENURSE_CERT_FILE", &self.cert_file), ("KUBENURSE_CERT_KEY", &self.cert_key)]
+            {
                 match value {
                     None => return Err(ConfigError::new(variable, "", "required with KUBENURSE_USE_TLS=true")),
                     Some(path) if !path.is_file() => {
@@ -294,8 +302,13 @@ pub fn describe_clap_error(err: &clap::Error) -> String {
 }
 
 fn check_name(variable: &str, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() || name.len() > 253 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
-        return Err(ConfigError::new(variable, name, "not a Kubernetes object name (lowercase letters, digits, '-', '.')"));
+    if name.is_empty() || name.len() > 253 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(ConfigError::new(
+            variable,
+            name,
+            "not a Kubernetes object name (lowercase letters, digits, '-', '.')",
+        ));
     }
     Ok(())
 }
@@ -509,7 +522,13 @@ mod tests {
     #[test]
     fn help_lists_every_variable() {
         let help = <Cli as clap::CommandFactory>::command().render_long_help().to_string();
-        for variable in ["KUBENURSE_INGRESS_URL", "KUBENURSE_EXTRA_CHECKS", "KUBENURSE_HISTOGRAM_BUCKETS", "KUBERNETES_SERVICE_DNS", "KUBENURSE_NEIGHBOURS"] {
+        for variable in [
+            "KUBENURSE_INGRESS_URL",
+            "KUBENURSE_EXTRA_CHECKS",
+            "KUBENURSE_HISTOGRAM_BUCKETS",
+            "KUBERNETES_SERVICE_DNS",
+            "KUBENURSE_NEIGHBOURS",
+        ] {
             assert!(help.contains(variable), "--help lacks {variable}");
         }
     }

@@ -47,7 +47,12 @@ pub async fn run(args: DemoArgs, base: Config) -> i32 {
         }
     }
     let agents: Vec<Agent> = agents.into_iter().map(crate::agent::Bound::run).collect();
-    println!("kubenurse demo: {} agents on {}…; /metrics and /alive on each, e.g. http://{}/alive", nodes.len(), nodes[0].1.ip(), nodes[0].1);
+    println!(
+        "kubenurse demo: {} agents on {}…; /metrics and /alive on each, e.g. http://{}/alive",
+        nodes.len(),
+        nodes[0].1.ip(),
+        nodes[0].1
+    );
     let mut first = agents[0].reports();
     let mut printed = 0;
     let interrupted = loop {
@@ -86,11 +91,7 @@ pub fn table(nodes: &[(String, SocketAddr)], reports: &[Option<std::sync::Arc<Ro
     for ((name, _), report) in nodes.iter().zip(reports) {
         let _ = write!(out, "{:>w$}", name, w = width + 12);
         for (target, _) in nodes {
-            let cell = if target == name {
-                "-".to_owned()
-            } else {
-                cell(report.as_deref(), &format!("path_{target}"))
-            };
+            let cell = if target == name { "-".to_owned() } else { cell(report.as_deref(), &format!("path_{target}")) };
             let _ = write!(out, " {cell:>width$}");
         }
         out.push('\n');

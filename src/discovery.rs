@@ -177,7 +177,8 @@ impl Discovery {
                             && pod.running
                             && !pod.deleting
                             && pod.pod_ip.is_some()
-                            && (*allow_unschedulable || store.nodes.as_ref().and_then(|n| n.get(&pod.node)) == Some(&true))
+                            && (*allow_unschedulable
+                                || store.nodes.as_ref().and_then(|n| n.get(&pod.node)) == Some(&true))
                     })
                     .map(|(name, pod)| Neighbour {
                         pod_name: name.clone(),
@@ -327,8 +328,12 @@ fn describe_watch_error(e: &watcher::Error, resource: &str, namespace: &str) -> 
     };
     match api_error {
         Some(status) if status.code == 403 => {
-            let scope = if namespace.is_empty() { "cluster-wide".to_owned() } else { format!("in namespace {namespace}") };
-            format!("forbidden: the service account lacks RBAC permission to list and watch {resource} {scope} ({})", status.message)
+            let scope =
+                if namespace.is_empty() { "cluster-wide".to_owned() } else { format!("in namespace {namespace}") };
+            format!(
+                "forbidden: the service account lacks RBAC permission to list and watch {resource} {scope} ({})",
+                status.message
+            )
         }
         _ => e.to_string(),
     }
@@ -347,7 +352,11 @@ impl ErrorLog {
         let now = Instant::now();
         self.failing_since.get_or_insert(now);
         if self.last_logged.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
-            tracing::warn!(error, suppressed = self.suppressed, "kubernetes watch failed; keeping the last known neighbours");
+            tracing::warn!(
+                error,
+                suppressed = self.suppressed,
+                "kubernetes watch failed; keeping the last known neighbours"
+            );
             self.last_logged = Some(now);
             self.suppressed = 0;
         } else {
@@ -488,13 +497,18 @@ mod tests {
     #[test]
     fn node_schedulability_follows_cordon_and_taint() {
         let parse = |spec: serde_json::Value| {
-            let node: SlimNode = serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}, "spec": spec})).expect("node");
+            let node: SlimNode =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}, "spec": spec})).expect("node");
             node.into_info().expect("named").1
         };
         assert!(parse(serde_json::json!({})));
         assert!(!parse(serde_json::json!({"unschedulable": true})));
-        assert!(!parse(serde_json::json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]})));
-        assert!(parse(serde_json::json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "PreferNoSchedule"}]})));
+        assert!(!parse(
+            serde_json::json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]})
+        ));
+        assert!(parse(
+            serde_json::json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "PreferNoSchedule"}]})
+        ));
         assert!(parse(serde_json::json!({"taints": [{"key": "dedicated", "effect": "NoSchedule"}]})));
     }
 }

@@ -21,9 +21,9 @@ pub async fn build(config: &Config) -> Result<Option<Kube>, ConfigError> {
             .map_err(|e| bad(&e))?
     } else if let Some(host) = &config.kubernetes_service_host {
         let url = format!("https://{}:{}", bracket(host), config.kubernetes_service_port);
-        let url: http::Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| ConfigError::new("KUBERNETES_SERVICE_HOST", host.clone(), e.to_string()))?;
+        let url: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| {
+            ConfigError::new("KUBERNETES_SERVICE_HOST", host.clone(), e.to_string())
+        })?;
         let dir = &config.service_account_dir;
         let mut c = kube::Config::new(url);
         // Both files are re-read by the client, so rotated tokens and CAs are picked up.
@@ -38,7 +38,12 @@ pub async fn build(config: &Config) -> Result<Option<Kube>, ConfigError> {
         return Ok(None);
     };
     let namespace = kube_config.default_namespace.clone();
-    let client = kube::Client::try_from(kube_config)
-        .map_err(|e| ConfigError::new("KUBERNETES_SERVICE_HOST", config.kubernetes_service_host.clone().unwrap_or_default(), e.to_string()))?;
+    let client = kube::Client::try_from(kube_config).map_err(|e| {
+        ConfigError::new(
+            "KUBERNETES_SERVICE_HOST",
+            config.kubernetes_service_host.clone().unwrap_or_default(),
+            e.to_string(),
+        )
+    })?;
     Ok(Some(Kube { client, namespace }))
 }

@@ -66,10 +66,12 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: Rout
             _ = crate::shutdown::stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone().map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(RemoteAddr(remote));
-            req
-        }));
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(RemoteAddr(remote));
+                req
+            },
+        ));
         let http = http.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();

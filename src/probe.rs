@@ -236,7 +236,10 @@ impl Prober {
     /// The bearer token, read at each use: bound service-account tokens rotate.
     async fn read_token(&self) -> Result<HeaderValue, Failure> {
         let token = tokio::fs::read_to_string(&self.token_file).await.map_err(|e| {
-            Failure::new(FailedPhase::RoundTrip, format!("cannot read service-account token {}: {e}", self.token_file.display()))
+            Failure::new(
+                FailedPhase::RoundTrip,
+                format!("cannot read service-account token {}: {e}", self.token_file.display()),
+            )
         })?;
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
             .map_err(|_| Failure::new(FailedPhase::RoundTrip, "service-account token is not a valid header value"))?;
@@ -286,7 +289,11 @@ impl Prober {
             rec.mark(Event::TlsHandshakeStart);
             let name = rustls::pki_types::ServerName::try_from(host.to_owned())
                 .map_err(|e| Failure::new(FailedPhase::Tls, format!("invalid server name {host}: {e}")))?;
-            let tls = self.tls.connect(name, stream).await.map_err(|e| Failure::new(FailedPhase::Tls, format!("tls handshake: {e}")))?;
+            let tls = self
+                .tls
+                .connect(name, stream)
+                .await
+                .map_err(|e| Failure::new(FailedPhase::Tls, format!("tls handshake: {e}")))?;
             rec.mark(Event::TlsHandshakeDone);
             Box::new(tls)
         } else {
@@ -408,7 +415,11 @@ impl AsyncWrite for TimedIo {
         result
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.wrote(&result);
         result

@@ -123,7 +123,8 @@ impl Scheduler {
         };
         let mut targets = self.fixed.clone();
         let own_node = self.own_node.clone().or_else(|| neighbourhood.own_node.clone()).unwrap_or_default();
-        let chosen = select(&own_node, self.neighbour_limit, neighbourhood.neighbours.clone(), |n| n.node_name.as_str());
+        let chosen =
+            select(&own_node, self.neighbour_limit, neighbourhood.neighbours.clone(), |n| n.node_name.as_str());
         targets.extend(chosen.iter().filter_map(|n| self.neighbour_target(n)));
         self.prober.retain_idle(|key| targets.iter().any(|t| pool_key(&t.url) == key));
 
@@ -163,7 +164,8 @@ mod tests {
     use clap::Parser;
 
     fn kinds(config: &[&str]) -> (Vec<String>, Vec<String>) {
-        let config = Config::try_parse_from(std::iter::once("kubenurse").chain(config.iter().copied())).expect("config");
+        let config =
+            Config::try_parse_from(std::iter::once("kubenurse").chain(config.iter().copied())).expect("config");
         let (targets, skipped) = fixed_targets(&config);
         (targets.iter().map(|t| t.url.to_string()).collect(), skipped.iter().map(|s| s.kind.clone()).collect())
     }

@@ -23,10 +23,8 @@ pub fn select<T>(own_node: &str, limit: usize, candidates: Vec<T>, node_of: impl
         return candidates;
     }
     let own = ring_hash(own_node);
-    let mut keyed: Vec<(u64, T)> = candidates
-        .into_iter()
-        .map(|c| (ring_hash(node_of(&c)).wrapping_sub(own), c))
-        .collect();
+    let mut keyed: Vec<(u64, T)> =
+        candidates.into_iter().map(|c| (ring_hash(node_of(&c)).wrapping_sub(own), c)).collect();
     // Partial selection keeps this O(n) for large clusters; only the kept part is sorted.
     keyed.select_nth_unstable_by_key(limit - 1, |(distance, _)| *distance);
     keyed.truncate(limit);

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::Extension;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -38,7 +38,9 @@ pub struct AppState {
 impl AppState {
     /// Ready: the first round is done, the agent is not draining, its node is schedulable.
     pub fn is_ready(&self) -> bool {
-        self.reports.borrow().is_some() && !self.draining.load(Ordering::SeqCst) && self.discovery.own_node_schedulable()
+        self.reports.borrow().is_some()
+            && !self.draining.load(Ordering::SeqCst)
+            && self.discovery.own_node_schedulable()
     }
 }
 
@@ -101,7 +103,10 @@ async fn alive(
     };
     let mut header_map: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in &headers {
-        header_map.entry(canonical_header(name.as_str())).or_default().push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        header_map
+            .entry(canonical_header(name.as_str()))
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let body = Alive {
@@ -113,7 +118,8 @@ async fn alive(
         last_check_result: check_results(&report),
     };
     let mut out = Vec::with_capacity(4096);
-    let mut serializer = serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(b" "));
+    let mut serializer =
+        serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(b" "));
     if body.serialize(&mut serializer).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }

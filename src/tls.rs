@@ -31,7 +31,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Client TLS for the probes: system roots, the service-account `ca.crt` (when present) and
 /// `extra_ca`; or no verification at all when `insecure`.
-pub fn client_config(service_account_ca: &Path, extra_ca: Option<&Path>, insecure: bool) -> Result<ClientConfig, TlsError> {
+pub fn client_config(
+    service_account_ca: &Path,
+    extra_ca: Option<&Path>,
+    insecure: bool,
+) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let mut config = if insecure {
@@ -64,7 +68,8 @@ pub fn client_config(service_account_ca: &Path, extra_ca: Option<&Path>, insecur
 /// Server TLS for the HTTPS listener.
 pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, TlsError> {
     let certs = read_certs(cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::ReadKey { path: key_file.to_owned(), source })?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|source| TlsError::ReadKey { path: key_file.to_owned(), source })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

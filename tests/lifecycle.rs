@@ -70,14 +70,21 @@ async fn sigterm_turns_unready_keeps_serving_then_exits_zero() {
 
     signal(&child, "TERM");
     let signalled = Instant::now();
-    assert!(eventually(Duration::from_secs(1), async || ready_status(addr).await == Some(503)).await, "/ready did not turn 503 at once");
+    assert!(
+        eventually(Duration::from_secs(1), async || ready_status(addr).await == Some(503)).await,
+        "/ready did not turn 503 at once"
+    );
     // Still serving during the shutdown duration.
     assert_eq!(get(addr, "/alwayshappy").await.0, 200);
     assert_eq!(get(addr, "/metrics").await.0, 200);
     assert!(child.try_wait().expect("wait").is_none(), "exited before the shutdown duration");
 
     let status = wait_exit(&mut child, Duration::from_secs(20)).expect("exits after the drain");
-    assert!(signalled.elapsed() >= Duration::from_secs(2), "left before the shutdown duration: {:?}", signalled.elapsed());
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "left before the shutdown duration: {:?}",
+        signalled.elapsed()
+    );
     assert_eq!(status.code(), Some(0));
 }
 
@@ -86,7 +93,8 @@ async fn a_second_signal_exits_at_once() {
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let listen = addr.to_string();
-    let mut child = agent(&[("KUBENURSE_LISTEN_ADDR", &listen), ("KUBENURSE_SHUTDOWN_DURATION", "60s")]).spawn().expect("spawn");
+    let mut child =
+        agent(&[("KUBENURSE_LISTEN_ADDR", &listen), ("KUBENURSE_SHUTDOWN_DURATION", "60s")]).spawn().expect("spawn");
     assert!(eventually(Duration::from_secs(20), async || ready_status(addr).await == Some(200)).await, "never ready");
     signal(&child, "TERM");
     assert!(eventually(Duration::from_secs(1), async || ready_status(addr).await == Some(503)).await);
@@ -124,7 +132,9 @@ fn help_lists_every_option_with_its_variable() {
     let out = agent(&[]).arg("--help").output().expect("run");
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
-    for variable in ["KUBENURSE_CHECK_INTERVAL", "KUBENURSE_NEIGHBOUR_LIMIT", "KUBENURSE_LISTEN_ADDR", "KUBERNETES_SERVICE_HOST"] {
+    for variable in
+        ["KUBENURSE_CHECK_INTERVAL", "KUBENURSE_NEIGHBOUR_LIMIT", "KUBENURSE_LISTEN_ADDR", "KUBERNETES_SERVICE_HOST"]
+    {
         assert!(help.contains(variable), "{variable} missing from --help");
     }
 }

@@ -62,7 +62,10 @@ async fn each_failure_is_counted_once_at_its_phase() {
     for kind in ["ok", "named", "tls_ok"] {
         assert_eq!(requests(kind, "200"), Some(1.0), "{kind}");
         assert_eq!(metric(&text, DURATION, &[("type", kind)]), Some(1.0), "{kind}");
-        assert!(!text.lines().any(|l| l.starts_with(ERRORS) && l.contains(&format!("type=\"{kind}\""))), "{kind} has errors");
+        assert!(
+            !text.lines().any(|l| l.starts_with(ERRORS) && l.contains(&format!("type=\"{kind}\""))),
+            "{kind} has errors"
+        );
     }
     // Statuses other than 200 are responses (duration observed) and errors by status.
     assert_eq!(requests("notfound", "404"), Some(1.0));
@@ -79,7 +82,8 @@ async fn each_failure_is_counted_once_at_its_phase() {
     ] {
         assert_eq!(requests(kind, "round_trip_error"), Some(1.0), "{kind}");
         assert_eq!(errors(kind, event), Some(1.0), "{kind}");
-        let error_series = text.lines().filter(|l| l.starts_with(ERRORS) && l.contains(&format!("type=\"{kind}\""))).count();
+        let error_series =
+            text.lines().filter(|l| l.starts_with(ERRORS) && l.contains(&format!("type=\"{kind}\""))).count();
         assert_eq!(error_series, 1, "{kind} is counted under one event only");
         assert_eq!(metric(&text, DURATION, &[("type", kind)]), None, "{kind}: no response, no duration");
     }

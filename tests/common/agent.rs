@@ -8,24 +8,18 @@ use kubenurse::config::Config;
 
 /// Starts an agent from command-line style arguments (no environment involved).
 pub async fn start(args: &[String]) -> Agent {
-    let config =
-        Config::try_parse_from(std::iter::once("kubenurse".to_owned()).chain(args.iter().cloned()))
-            .unwrap_or_else(|e| panic!("test config {args:?}: {e}"));
-    Agent::start(config)
-        .await
-        .unwrap_or_else(|e| panic!("agent start: {e}"))
+    let config = Config::try_parse_from(std::iter::once("kubenurse".to_owned()).chain(args.iter().cloned()))
+        .unwrap_or_else(|e| panic!("test config {args:?}: {e}"));
+    Agent::start(config).await.unwrap_or_else(|e| panic!("agent start: {e}"))
 }
 
 /// Waits (bounded) until the agent has finished round `n`.
 pub async fn wait_round(agent: &Agent, n: u64) {
     let mut reports = agent.reports();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        reports.wait_for(|r| r.as_ref().is_some_and(|r| r.number >= n)),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("round {n} did not finish in time"))
-    .expect("reports channel open");
+    tokio::time::timeout(Duration::from_secs(20), reports.wait_for(|r| r.as_ref().is_some_and(|r| r.number >= n)))
+        .await
+        .unwrap_or_else(|_| panic!("round {n} did not finish in time"))
+        .expect("reports channel open");
 }
 
 /// GET `http://addr/path`: status and body.
@@ -34,28 +28,20 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// GET with extra headers, over a fresh plain connection.
-pub async fn get_with(
-    addr: std::net::SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, String) {
+pub async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     use http_body_util::BodyExt;
     let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .expect("connect in time")
         .expect("connect");
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
     tokio::spawn(conn);
     let mut req = http::Request::get(path).header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
+    let req = req.body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
     let res = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
         .expect("answer in time")
@@ -68,23 +54,16 @@ pub async fn get_with(
 /// The value of the series `name{labels}` in a Prometheus text exposition, matching the
 /// label set exactly.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, series_labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
-                None => (series, Vec::new()),
-            };
-            let mut want: Vec<(String, String)> = labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            want.sort();
-            (series_name == name && series_labels == want)
-                .then(|| value.parse().ok())
-                .flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)),
+            None => (series, Vec::new()),
+        };
+        let mut want: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        want.sort();
+        (series_name == name && series_labels == want).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// All series names in an exposition.

@@ -20,11 +20,9 @@ pub fn routes(hits: Arc<AtomicUsize>) -> Router {
         .route("/alwayshappy", get(|| async { StatusCode::OK }))
         .route(
             "/status/{code}",
-            get(
-                |axum::extract::Path(code): axum::extract::Path<u16>| async move {
-                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
-                },
-            ),
+            get(|axum::extract::Path(code): axum::extract::Path<u16>| async move {
+                StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
+            }),
         )
         .route(
             "/slow",
@@ -33,12 +31,10 @@ pub fn routes(hits: Arc<AtomicUsize>) -> Router {
                 StatusCode::OK
             }),
         )
-        .layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                hits.fetch_add(1, Ordering::SeqCst);
-                next.run(req)
-            },
-        ))
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            hits.fetch_add(1, Ordering::SeqCst);
+            next.run(req)
+        }))
 }
 
 /// A running target server.
@@ -122,20 +118,12 @@ impl TestCa {
     pub fn new(name: &str) -> TestCa {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = params.self_signed(&key).expect("ca cert");
-        TestCa {
-            cert_pem: cert.pem(),
-            issuer: rcgen::Issuer::new(params, key),
-        }
+        TestCa { cert_pem: cert.pem(), issuer: rcgen::Issuer::new(params, key) }
     }
 
     /// A leaf certificate and key (PEM) for `names`.
@@ -150,12 +138,8 @@ impl TestCa {
     pub fn server_config(&self, names: &[&str]) -> rustls::ServerConfig {
         use rustls::pki_types::pem::PemObject;
         let (cert, key) = self.leaf_pem(names);
-        let certs =
-            vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert")];
+        let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert")];
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
-        rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server config")
+        rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).expect("server config")
     }
 }
