@@ -86,3 +86,44 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
     out.sort();
     out
 }
+
+/// Waits (bounded) for a round report that satisfies `check`; returns it.
+pub async fn wait_report(
+    agent: &Agent,
+    what: &str,
+    check: impl Fn(&kubenurse::scheduler::RoundReport) -> bool,
+) -> std::sync::Arc<kubenurse::scheduler::RoundReport> {
+    let mut reports = agent.reports();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(report) = reports.borrow_and_update().clone() {
+                if check(&report) {
+                    return report;
+                }
+            }
+            reports.changed().await.expect("reports channel open");
+        }
+    })
+    .await;
+    match found {
+        Ok(report) => report,
+        Err(_) => panic!("no round report where {what}; last: {:#?}", summarize(agent)),
+    }
+}
+
+/// The probe types of a report with their summaries, for failure messages and assertions.
+pub fn results(report: &kubenurse::scheduler::RoundReport) -> std::collections::BTreeMap<String, String> {
+    report.results.iter().map(|r| (r.target.kind.clone(), r.summary())).collect()
+}
+
+fn summarize(agent: &Agent) -> Option<(std::collections::BTreeMap<String, String>, String)> {
+    agent.reports().borrow().as_ref().map(|r| (results(r), r.neighbourhood.state.clone()))
+}
+
+/// The `path_<node>` probe types of a report.
+pub fn probed_nodes(report: &kubenurse::scheduler::RoundReport) -> Vec<String> {
+    let mut nodes: Vec<String> =
+        report.results.iter().filter_map(|r| r.target.kind.strip_prefix("path_").map(str::to_owned)).collect();
+    nodes.sort();
+    nodes
+}

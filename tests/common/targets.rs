@@ -53,16 +53,21 @@ impl Drop for Target {
 impl Target {
     /// Plain HTTP on `ip`:0.
     pub async fn http(ip: &str) -> Target {
-        Self::start(ip, None).await
+        Self::start(ip, 0, None).await
+    }
+
+    /// Plain HTTP on exactly `addr` (several loopback IPs can share one port).
+    pub async fn http_at(addr: SocketAddr) -> Target {
+        Self::start(&addr.ip().to_string(), addr.port(), None).await
     }
 
     /// HTTPS on `ip`:0 with a certificate for `127.0.0.1` and `localhost` signed by `ca`.
     pub async fn https(ip: &str, ca: &TestCa) -> Target {
-        Self::start(ip, Some(ca.server_config(&["127.0.0.1", "localhost"]))).await
+        Self::start(ip, 0, Some(ca.server_config(&["127.0.0.1", "localhost"]))).await
     }
 
-    async fn start(ip: &str, tls: Option<rustls::ServerConfig>) -> Target {
-        let listener = TcpListener::bind((ip, 0)).await.expect("bind target");
+    async fn start(ip: &str, port: u16, tls: Option<rustls::ServerConfig>) -> Target {
+        let listener = TcpListener::bind((ip, port)).await.expect("bind target");
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let router = routes(hits.clone());

@@ -1,0 +1,951 @@
+//! A fake kube-apiserver for integration tests.
+//!
+//! It speaks enough of the real wire protocol (HTTPS with its own CA, bearer
+//! tokens, `Status` error bodies, paginated LIST over consistent snapshots,
+//! chunked WATCH resuming from a resourceVersion, 410 `Expired`, label and
+//! field selectors) that the real `kube::Client` and `kube::runtime::watcher`
+//! work against it. Only core/v1 Pods and Nodes are served, read-only.
+//!
+//! Tests mutate state synchronously (`upsert_pod`, `delete_node`, ...). Every
+//! mutation gets a new global resourceVersion and is appended to an in-memory
+//! history that watches replay from until `expire_watches()` compacts it.
+//! `set_fault` simulates an unreliable control plane; the request log and
+//! `response_bytes()` let tests assert on how much the apiserver was used.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{ContainerImage, Node, Pod, Taint};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+/// Namespace of the ServiceAccount the fake token belongs to.
+pub const SA_NAMESPACE: &str = "kubenurse";
+const SA_USER: &str = "system:serviceaccount:kubenurse:kubenurse";
+/// The real apiserver picks 30-60 min when the client sends no timeoutSeconds.
+const DEFAULT_WATCH_TIMEOUT: u64 = 1800;
+
+/// Injected control-plane failure mode, see [`FakeApiServer::set_fault`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    #[default]
+    None,
+    /// The listener stays bound, but new connections are dropped right after
+    /// accept and all open connections (watches included) are cut.
+    Outage,
+    /// Authenticated pod/node requests get 403, like missing RBAC.
+    Forbidden,
+    /// Authenticated requests get 500 InternalError.
+    ServerError,
+}
+
+/// One served request (requests cut by `Fault::Outage` are not logged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    /// Raw (percent-encoded) query string.
+    pub query: String,
+    pub watch: bool,
+    pub status: u16,
+}
+
+/// A served resource type.
+struct Res {
+    plural: &'static str,
+    kind: &'static str,
+    /// Field labels the real apiserver accepts in field selectors.
+    fields: &'static str,
+}
+
+const PODS: Res = Res {
+    plural: "pods",
+    kind: "Pod",
+    fields: "metadata.name metadata.namespace spec.nodeName spec.restartPolicy \
+        spec.schedulerName spec.serviceAccountName spec.hostNetwork status.phase status.podIP \
+        status.nominatedNodeName",
+};
+const NODES: Res = Res { plural: "nodes", kind: "Node", fields: "metadata.name metadata.namespace spec.unschedulable" };
+
+/// (plural, namespace, name): ordered like etcd keys, which fixes LIST order.
+type Key = (&'static str, String, String);
+type Params = HashMap<String, String>;
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// One mutation: `obj` is the new state (for deletes the last state, carrying
+/// the deletion's resourceVersion), `prev` the state before.
+struct Change {
+    rv: u64,
+    key: Key,
+    prev: Option<Value>,
+    obj: Value,
+    deleted: bool,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches and continue tokens older than this get 410 Expired.
+    compacted: u64,
+    objects: BTreeMap<Key, Value>,
+    history: Vec<Change>,
+    fault: Fault,
+    requests: Vec<RequestRecord>,
+}
+
+impl State {
+    /// The objects of `plural` as of resourceVersion `rv` (undoes newer history).
+    fn snapshot(&self, plural: &str, rv: u64) -> BTreeMap<&Key, &Value> {
+        let mut snap: BTreeMap<&Key, &Value> = self.objects.iter().collect();
+        for c in self.history.iter().rev().take_while(|c| c.rv > rv) {
+            match &c.prev {
+                Some(prev) => snap.insert(&c.key, prev),
+                None => snap.remove(&c.key),
+            };
+        }
+        snap.retain(|key, _| key.0 == plural);
+        snap
+    }
+}
+
+/// Broadcast to connections and watch streams: a `conn_epoch` bump cuts every
+/// connection (outage), a `watch_epoch` bump ends every watch stream cleanly.
+#[derive(Clone, Copy, Default)]
+struct Signal {
+    rv: u64,
+    watch_epoch: u64,
+    conn_epoch: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    signal: watch::Sender<Signal>,
+    bytes: AtomicU64,
+    token: String,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The running fake apiserver; dropping it stops the server and its connections.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    /// PEM of the CA that signed the serving certificate.
+    pub ca_pem: String,
+    ca_der: Vec<u8>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort(); // drops the JoinSet, which aborts every connection task
+    }
+}
+
+impl FakeApiServer {
+    pub async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (ca_pem, ca_der, tls) = make_tls();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local_addr");
+        let token = format!("fake-sa-token-{:016x}{:016x}", random(), random());
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            signal: watch::Sender::new(Signal::default()),
+            bytes: AtomicU64::new(0),
+            token,
+        });
+        let acceptor = TlsAcceptor::from(tls);
+        let task = tokio::spawn(accept_loop(listener, acceptor, shared.clone()));
+        Self { shared, addr, ca_pem, ca_der, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+    pub fn token(&self) -> String {
+        self.shared.token.clone()
+    }
+
+    /// A `kube::Config` trusting the fake CA and carrying the bearer token.
+    pub fn kube_config(&self) -> kube::Config {
+        let mut cfg = kube::Config::new(self.url().parse().expect("valid url"));
+        cfg.root_cert = Some(vec![self.ca_der.clone()]);
+        cfg.default_namespace = SA_NAMESPACE.to_string();
+        let auth = serde_json::from_value(json!({ "token": self.token() }));
+        cfg.auth_info = auth.expect("AuthInfo");
+        cfg
+    }
+    /// Must be called inside a tokio runtime.
+    pub fn kube_client(&self) -> kube::Client {
+        kube::Client::try_from(self.kube_config()).expect("kube client")
+    }
+    /// Writes `token`, `ca.crt` and `namespace` like /var/run/secrets/kubernetes.io/serviceaccount.
+    pub fn write_service_account_dir(&self, dir: &Path) {
+        std::fs::create_dir_all(dir).expect("create sa dir");
+        let files = [("token", self.shared.token.as_str()), ("ca.crt", &self.ca_pem), ("namespace", SA_NAMESPACE)];
+        for (file, content) in files {
+            std::fs::write(dir.join(file), content).expect("write sa file");
+        }
+    }
+
+    // ---- state ----
+
+    pub fn upsert_pod(&self, pod: Pod) {
+        self.upsert(&PODS, serde_json::to_value(pod).expect("serialize Pod"));
+    }
+    pub fn upsert_node(&self, node: Node) {
+        self.upsert(&NODES, serde_json::to_value(node).expect("serialize Node"));
+    }
+    /// Returns whether the pod existed.
+    pub fn delete_pod(&self, ns: &str, name: &str) -> bool {
+        self.delete(("pods", ns.to_string(), name.to_string()))
+    }
+    /// Returns whether the node existed.
+    pub fn delete_node(&self, name: &str) -> bool {
+        self.delete(("nodes", String::new(), name.to_string()))
+    }
+    pub fn get_pod(&self, ns: &str, name: &str) -> Option<Pod> {
+        self.get(("pods", ns.to_string(), name.to_string()))
+    }
+    pub fn get_node(&self, name: &str) -> Option<Node> {
+        self.get(("nodes", String::new(), name.to_string()))
+    }
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, key: Key) -> Option<T> {
+        let obj = self.shared.lock().objects.get(&key).cloned()?;
+        Some(serde_json::from_value(obj).expect("stored object deserializes"))
+    }
+
+    /// Create or update, keeping uid/creationTimestamp. Like the real apiserver,
+    /// an update that changes nothing is a no-op (no resourceVersion, no event).
+    fn upsert(&self, res: &Res, mut obj: Value) {
+        let name = str_at(&obj, "/metadata/name").expect("metadata.name").to_string();
+        let mut ns = String::new();
+        if res.plural == "pods" {
+            ns = str_at(&obj, "/metadata/namespace").unwrap_or("default").to_string();
+            obj["metadata"]["namespace"] = ns.clone().into();
+        }
+        let key = (res.plural, ns, name);
+        let st = self.shared.lock();
+        let prev = st.objects.get(&key).cloned();
+        let meta = obj["metadata"].as_object_mut().expect("metadata");
+        if let Some(prev) = &prev {
+            for field in ["uid", "creationTimestamp", "resourceVersion"] {
+                if let Some(value) = prev["metadata"].get(field) {
+                    meta.insert(field.to_string(), value.clone());
+                }
+            }
+            if *prev == obj {
+                return;
+            }
+        } else {
+            meta.entry("uid").or_insert_with(|| new_uid().into());
+            meta.entry("creationTimestamp").or_insert_with(|| now_rfc3339().into());
+        }
+        self.commit(st, key, prev, obj, false);
+    }
+
+    fn delete(&self, key: Key) -> bool {
+        let mut st = self.shared.lock();
+        let Some(prev) = st.objects.remove(&key) else {
+            return false;
+        };
+        let obj = prev.clone();
+        self.commit(st, key, Some(prev), obj, true);
+        true
+    }
+
+    /// Gives a change the next resourceVersion, records it and wakes watchers.
+    fn commit(&self, mut st: MutexGuard<'_, State>, key: Key, prev: Option<Value>, mut obj: Value, deleted: bool) {
+        st.rv += 1;
+        let rv = st.rv;
+        set_rv(&mut obj, rv);
+        if !deleted {
+            st.objects.insert(key.clone(), obj.clone());
+        }
+        st.history.push(Change { rv, key, prev, obj, deleted });
+        drop(st);
+        self.shared.signal.send_modify(|s| s.rv = rv);
+    }
+
+    // ---- faults ----
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.lock().fault = fault;
+        if fault == Fault::Outage {
+            self.shared.signal.send_modify(|s| s.conn_epoch += 1);
+        }
+    }
+
+    /// Compacts the history: every watch or continue token from an older
+    /// resourceVersion now gets 410 Expired, and open watch streams end.
+    pub fn expire_watches(&self) {
+        let mut st = self.shared.lock();
+        st.rv += 1;
+        st.compacted = st.rv;
+        st.history.clear();
+        let rv = st.rv;
+        drop(st);
+        self.shared.signal.send_modify(|s| {
+            s.rv = rv;
+            s.watch_epoch += 1;
+        });
+    }
+
+    // ---- request log ----
+
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.lock().requests.clone()
+    }
+    /// Non-watch GETs whose path ends with `path_suffix` (e.g. "/pods", "/nodes").
+    pub fn list_calls(&self, path_suffix: &str) -> usize {
+        self.count_calls(path_suffix, false)
+    }
+    /// Watch GETs whose path ends with `path_suffix`.
+    pub fn watch_calls(&self, path_suffix: &str) -> usize {
+        self.count_calls(path_suffix, true)
+    }
+    fn count_calls(&self, suffix: &str, watch: bool) -> usize {
+        let hit = |r: &&RequestRecord| r.method == "GET" && r.watch == watch;
+        let st = self.shared.lock();
+        st.requests.iter().filter(hit).filter(|r| r.path.ends_with(suffix)).count()
+    }
+    /// Total response body bytes sent so far, watch events included.
+    pub fn response_bytes(&self) -> u64 {
+        self.shared.bytes.load(Relaxed)
+    }
+    /// Clears the request log and the byte counter.
+    pub fn clear_requests(&self) {
+        self.shared.lock().requests.clear();
+        self.shared.bytes.store(0, Relaxed);
+    }
+}
+
+// ---- object builders ----
+
+/// A pod with one container; `node`/`ip` may be "" (unscheduled / no IP yet).
+pub fn pod(name: &str, ns: &str, labels: &[(&str, &str)], node: &str, ip: &str, phase: &str) -> Pod {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let (node, ip) = ((!node.is_empty()).then_some(node), (!ip.is_empty()).then_some(ip));
+    let ips = ip.map(|ip| json!([{ "ip": ip }]));
+    let ready = if phase == "Running" { "True" } else { "False" };
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": ns, "labels": labels },
+        "spec": { "nodeName": node, "containers": [{
+            "name": "kubenurse", "image": "postfinance/kubenurse:v1.14.2",
+            "ports": [{ "containerPort": 8080, "protocol": "TCP" }] }] },
+        "status": { "phase": phase, "conditions": [{ "type": "Ready", "status": ready }],
+            "podIP": ip, "podIPs": ips, "hostIP": ip, "hostIPs": ips },
+    }))
+    .expect("valid Pod")
+}
+
+/// A Ready node with the usual well-known labels.
+pub fn node(name: &str) -> Node {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64" } },
+        "spec": {},
+        "status": { "conditions": [{ "type": "Ready", "status": "True",
+            "reason": "KubeletReady", "message": "kubelet is posting ready status" }] },
+    }))
+    .expect("valid Node")
+}
+
+/// `kubectl cordon`: spec.unschedulable=true plus the taint the node
+/// lifecycle controller adds for it.
+pub fn cordoned(node: Node) -> Node {
+    let mut node = with_taint(node, "node.kubernetes.io/unschedulable", "NoSchedule");
+    node.spec.get_or_insert_with(Default::default).unschedulable = Some(true);
+    node
+}
+
+pub fn with_taint(mut node: Node, key: &str, effect: &str) -> Node {
+    let (key, effect) = (key.to_string(), effect.to_string());
+    let taints = &mut node.spec.get_or_insert_with(Default::default).taints;
+    taints.get_or_insert_with(Vec::new).push(Taint { key, effect, ..Default::default() });
+    node
+}
+
+/// A node whose status.images makes it realistically large (~250 B per image).
+pub fn node_with_images(name: &str, n_images: usize) -> Node {
+    let image = |i: u64| {
+        let repo = format!("registry.example.com/platform-team/some-fairly-long-image-name-{i}");
+        let digest = format!("{:016x}", (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)).repeat(4);
+        let names = vec![format!("{repo}@sha256:{digest}"), format!("{repo}:v1.{i}.0")];
+        let size_bytes = Some(50_000_000 + 1_000 * i as i64);
+        ContainerImage { names: Some(names), size_bytes }
+    };
+    let mut node = node(name);
+    let status = node.status.get_or_insert_with(Default::default);
+    status.images = Some((0..n_images as u64).map(image).collect());
+    node
+}
+
+// ---- server ----
+
+fn make_tls() -> (String, Vec<u8>, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku};
+    use rcgen::{IsCa, Issuer, KeyPair, KeyUsagePurpose as Ku};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "fake-kube-apiserver-ca");
+    ca.key_usages = vec![Ku::KeyCertSign, Ku::CrlSign, Ku::DigitalSignature];
+    let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca, &ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    let mut params = CertificateParams::new(sans).expect("server params");
+    params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    params.extended_key_usages = vec![Eku::ServerAuth];
+    let cert = params.signed_by(&key, &issuer).expect("server cert");
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .expect("server tls config");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (ca_cert.pem(), ca_cert.der().to_vec(), Arc::new(cfg))
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await; // e.g. EMFILE
+            continue;
+        };
+        while conns.try_join_next().is_some() {}
+        if shared.lock().fault != Fault::Outage {
+            conns.spawn(serve_conn(tcp, acceptor.clone(), shared.clone()));
+        } // else: drop the socket right away
+    }
+}
+
+async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    let mut signal = shared.signal.subscribe();
+    let epoch = signal.borrow().conn_epoch;
+    let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+    let Ok(Ok(tls)) = handshake.await else { return };
+    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+    tokio::select! {
+        _ = conn => {}
+        // Outage: drop the socket mid-flight, clients see EOF/reset.
+        _ = signal.wait_for(|s| s.conn_epoch != epoch) => {}
+    }
+}
+
+enum Reply {
+    Json(u16, Value),
+    Watch(Box<WatchCursor>),
+    /// Close the connection without a response (outage).
+    Hangup,
+}
+
+type HandlerResult = Result<Response<Body>, std::io::Error>;
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let params = parse_query(&query);
+    let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let mut record = RequestRecord { method, path, query, watch, status: 200 };
+    let expected = format!("Bearer {}", shared.token);
+    let auth = req.headers().get(header::AUTHORIZATION);
+    let authorized = auth.map(HeaderValue::as_bytes) == Some(expected.as_bytes());
+    let body = match route(&shared, &record, &params, authorized) {
+        Reply::Hangup => return Err(std::io::Error::other("injected outage")),
+        Reply::Json(code, value) => {
+            let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+            shared.bytes.fetch_add(bytes.len() as u64, Relaxed);
+            record.status = code;
+            Full::new(bytes).boxed_unsync()
+        }
+        Reply::Watch(cursor) => {
+            let events = futures::stream::unfold(cursor, |mut c| async move {
+                let chunk = c.next().await?;
+                Some((Ok::<_, Infallible>(Frame::data(chunk)), c))
+            });
+            StreamBody::new(events).boxed_unsync()
+        }
+    };
+    let code = StatusCode::from_u16(record.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    shared.lock().requests.push(record);
+    let mut resp = Response::new(body);
+    *resp.status_mut() = code;
+    let json = HeaderValue::from_static("application/json");
+    resp.headers_mut().insert(header::CONTENT_TYPE, json);
+    Ok(resp)
+}
+
+fn route(shared: &Arc<Shared>, req: &RequestRecord, p: &Params, authorized: bool) -> Reply {
+    let st = shared.lock();
+    match st.fault {
+        Fault::Outage => return Reply::Hangup,
+        _ if !authorized => return status(401, "Unauthorized", "Unauthorized", Value::Null),
+        Fault::ServerError => {
+            let msg = "Internal error occurred: injected fault (fake apiserver)";
+            return status(500, "InternalError", msg, Value::Null);
+        }
+        _ if req.method != "GET" => {
+            let msg = "the server does not allow this method on the requested resource";
+            return status(405, "MethodNotAllowed", msg, Value::Null);
+        }
+        _ if req.path == "/version" => return Reply::Json(200, version_info()),
+        _ => {}
+    }
+    let segments: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
+    let (res, ns, name) = match segments.as_slice() {
+        ["api", "v1", "pods"] => (&PODS, None, None),
+        ["api", "v1", "namespaces", ns, "pods"] => (&PODS, Some(*ns), None),
+        ["api", "v1", "namespaces", ns, "pods", name] => (&PODS, Some(*ns), Some(*name)),
+        ["api", "v1", "nodes"] => (&NODES, None, None),
+        ["api", "v1", "nodes", name] => (&NODES, None, Some(*name)),
+        _ => {
+            let msg = "the server could not find the requested resource";
+            return status(404, "NotFound", msg, json!({}));
+        }
+    };
+    let plural = res.plural;
+    if st.fault == Fault::Forbidden {
+        let verb = match (name, req.watch) {
+            (Some(_), _) => "get",
+            (None, true) => "watch",
+            (None, false) => "list",
+        };
+        let scope = match ns {
+            Some(ns) => format!("in the namespace \"{ns}\""),
+            None => "at the cluster scope".to_string(),
+        };
+        let msg = format!(
+            "{plural} is forbidden: User \"{SA_USER}\" cannot {verb} resource \"{plural}\" in API group \"\" {scope}"
+        );
+        return status(403, "Forbidden", msg, json!({ "kind": plural }));
+    }
+    let reply = match name {
+        Some(name) => {
+            let key = (plural, ns.unwrap_or_default().to_string(), name.to_string());
+            let msg = format!("{plural} \"{name}\" not found");
+            let details = json!({ "name": name, "kind": plural });
+            let found = st.objects.get(&key).map(|obj| Reply::Json(200, obj.clone()));
+            found.ok_or_else(|| status(404, "NotFound", msg, details))
+        }
+        None => Filter::parse(res, ns, p).and_then(|filter| match req.watch {
+            true => WatchCursor::open(shared, &st, filter, p).map(|c| Reply::Watch(Box::new(c))),
+            false => list(&st, filter, p).map(|list| Reply::Json(200, list)),
+        }),
+    };
+    reply.unwrap_or_else(|err| err)
+}
+
+fn list(st: &State, filter: Filter, p: &Params) -> Result<Value, Reply> {
+    let limit = num_param(p, "limit")?.filter(|l| *l > 0).unwrap_or(u64::MAX) as usize;
+    let (rv, after) = match p.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let decoded = decode_continue(token, filter.res.plural);
+            let (rv, key) = decoded.ok_or_else(|| bad_request("continue key is not valid"))?;
+            (rv, Some(key))
+        }
+        None if p.get("resourceVersionMatch").is_some_and(|m| m == "Exact") => {
+            (num_param(p, "resourceVersion")?.unwrap_or(st.rv), None)
+        }
+        None => (st.rv, None),
+    };
+    if rv < st.compacted {
+        let msg = match after {
+            Some(_) => "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue value from the response to get a consistent list result.".to_string(),
+            None => format!("too old resource version: {rv} ({})", st.compacted),
+        };
+        return Err(status(410, "Expired", msg, Value::Null));
+    }
+    let snapshot = st.snapshot(filter.res.plural, rv);
+    let unseen = |key: &&Key| after.as_ref().is_none_or(|after| *key > after);
+    let mut matching = snapshot.into_iter().filter(|(k, obj)| unseen(k) && filter.wants(k, obj));
+    let (mut items, mut last) = (Vec::new(), None);
+    for (key, obj) in matching.by_ref().take(limit) {
+        let mut item = obj.clone(); // list items carry no kind/apiVersion
+        if let Some(map) = item.as_object_mut() {
+            map.remove("kind");
+            map.remove("apiVersion");
+        }
+        items.push(item);
+        last = Some(key);
+    }
+    let remaining = matching.count();
+    let mut meta = json!({ "resourceVersion": rv.to_string() });
+    if let (true, Some((_, ns, name))) = (remaining > 0, last) {
+        meta["continue"] = encode_continue(rv, ns, name).into();
+        meta["remainingItemCount"] = remaining.into();
+    }
+    let kind = format!("{}List", filter.res.kind);
+    Ok(json!({ "kind": kind, "apiVersion": "v1", "metadata": meta, "items": items }))
+}
+
+/// One open watch stream: replays history after `last_rv`, then follows new
+/// changes until timeoutSeconds, client hang-up or `expire_watches`.
+struct WatchCursor {
+    shared: Arc<Shared>,
+    filter: Filter,
+    last_rv: u64,
+    pending: VecDeque<Bytes>,
+    signal: watch::Receiver<Signal>,
+    epoch: u64,
+    deadline: Instant,
+    /// allowWatchBookmarks: send a BOOKMARK right before the timeout ends the stream.
+    bookmarks: bool,
+    done: bool,
+}
+
+impl WatchCursor {
+    fn open(shared: &Arc<Shared>, st: &State, filter: Filter, p: &Params) -> Result<Self, Reply> {
+        let timeout = num_param(p, "timeoutSeconds")?.filter(|t| *t > 0);
+        let timeout = Duration::from_secs(timeout.unwrap_or(DEFAULT_WATCH_TIMEOUT));
+        let signal = shared.signal.subscribe();
+        let epoch = signal.borrow().watch_epoch;
+        let mut c = Self {
+            shared: shared.clone(),
+            filter,
+            last_rv: st.rv,
+            pending: VecDeque::new(),
+            signal,
+            epoch,
+            deadline: Instant::now() + timeout,
+            bookmarks: p.get("allowWatchBookmarks").is_some_and(|b| b == "true"),
+            done: false,
+        };
+        match num_param(p, "resourceVersion")? {
+            Some(rv) if rv > 0 => {
+                c.last_rv = rv;
+                c.fill(st);
+            }
+            // No (or "0" = any) resourceVersion: synthetic ADDED events for the current state.
+            _ => {
+                for (key, obj) in &st.objects {
+                    if c.filter.wants(key, obj) {
+                        c.push("ADDED", obj);
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    fn push(&mut self, kind: &str, object: &Value) {
+        #[derive(serde::Serialize)]
+        struct WatchEvent<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            object: &'a Value,
+        }
+        let mut line = serde_json::to_vec(&WatchEvent { kind, object }).unwrap_or_default();
+        line.push(b'\n');
+        self.pending.push_back(Bytes::from(line));
+    }
+
+    /// Queues events for the history after `last_rv` with selector semantics:
+    /// objects entering the selection are ADDED, objects leaving it DELETED.
+    fn fill(&mut self, st: &State) {
+        if self.last_rv < st.compacted {
+            let (rv, compacted) = (self.last_rv, st.compacted);
+            let msg = format!("too old resource version: {rv} ({compacted})");
+            self.push("ERROR", &status_json(410, "Expired", msg, Value::Null));
+            self.done = true;
+            return;
+        }
+        let start = st.history.partition_point(|c| c.rv <= self.last_rv);
+        for c in &st.history[start..] {
+            let wanted = |obj: &Value| self.filter.wants(&c.key, obj);
+            let (before, now) = (c.prev.as_ref().is_some_and(wanted), !c.deleted && wanted(&c.obj));
+            match (before, now) {
+                (true, true) => self.push("MODIFIED", &c.obj),
+                (false, true) => self.push("ADDED", &c.obj),
+                (true, false) if c.deleted => self.push("DELETED", &c.obj),
+                (true, false) => {
+                    let mut gone = c.prev.clone().unwrap_or_default();
+                    set_rv(&mut gone, c.rv);
+                    self.push("DELETED", &gone);
+                }
+                (false, false) => {}
+            }
+        }
+        self.last_rv = self.last_rv.max(st.rv);
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(chunk) = self.pending.pop_front() {
+                self.shared.bytes.fetch_add(chunk.len() as u64, Relaxed);
+                return Some(chunk);
+            }
+            if self.done {
+                return None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.deadline) => {
+                    if !self.bookmarks {
+                        return None;
+                    }
+                    let meta = json!({ "resourceVersion": self.last_rv.to_string() });
+                    self.push("BOOKMARK", &json!({ "kind": self.filter.res.kind, "apiVersion": "v1", "metadata": meta }));
+                    self.done = true;
+                }
+                changed = self.signal.changed() => {
+                    let epoch = self.signal.borrow_and_update().watch_epoch;
+                    if changed.is_err() || epoch != self.epoch {
+                        return None;
+                    }
+                    let shared = self.shared.clone();
+                    self.fill(&shared.lock());
+                }
+            }
+        }
+    }
+}
+
+// ---- selectors ----
+
+/// One requirement: `key` (a label, or a field if `field`) must have one of
+/// `values` (or merely exist if `None`); `negate` inverts the outcome.
+struct Requirement {
+    key: String,
+    field: bool,
+    values: Option<Vec<String>>,
+    negate: bool,
+}
+
+/// What a LIST/WATCH selects: resource, namespace and selectors (all ANDed).
+struct Filter {
+    res: &'static Res,
+    ns: Option<String>,
+    reqs: Vec<Requirement>,
+}
+
+impl Filter {
+    fn parse(res: &'static Res, ns: Option<&str>, p: &Params) -> Result<Self, Reply> {
+        let mut reqs = Vec::new();
+        for (param, field) in [("labelSelector", false), ("fieldSelector", true)] {
+            for term in split_terms(p.get(param).map_or("", String::as_str)) {
+                reqs.push(parse_requirement(term, field).map_err(bad_request)?);
+            }
+        }
+        let fields = res.fields.split_whitespace();
+        let supported = |r: &&Requirement| !r.field || fields.clone().any(|f| f == r.key);
+        if let Some(r) = reqs.iter().find(|r| !supported(r)) {
+            return Err(bad_request(format!("field label not supported: {}", r.key)));
+        }
+        let ns = ns.map(str::to_string);
+        Ok(Self { res, ns, reqs })
+    }
+
+    fn wants(&self, key: &Key, obj: &Value) -> bool {
+        let labels = obj.pointer("/metadata/labels");
+        let label = |k: &str| labels.and_then(|l| l.get(k)?.as_str()).map(str::to_string);
+        key.0 == self.res.plural
+            && self.ns.as_ref().is_none_or(|ns| *ns == key.1)
+            && self.reqs.iter().all(|r| {
+                let got = match r.field {
+                    true => Some(field_value(obj, &r.key)),
+                    false => label(&r.key),
+                };
+                let hit = match &r.values {
+                    Some(values) => got.is_some_and(|got| values.contains(&got)),
+                    None => got.is_some(),
+                };
+                hit != r.negate
+            })
+    }
+}
+
+fn field_value(obj: &Value, field: &str) -> String {
+    match obj.pointer(&format!("/{}", field.replace('.', "/"))) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Bool(b)) => b.to_string(),
+        _ if matches!(field, "spec.unschedulable" | "spec.hostNetwork") => "false".to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Splits a selector on the commas that are not inside `in (...)` sets.
+fn split_terms(s: &str) -> impl Iterator<Item = &str> {
+    let (mut terms, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, ch) in s.char_indices() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&s[start..]);
+    terms.into_iter().map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// One selector term: `k=v`, `k==v`, `k!=v`, and for labels also
+/// `k in (a,b)`, `k notin (a,b)`, `k` and `!k`.
+fn parse_requirement(t: &str, field: bool) -> Result<Requirement, String> {
+    let err = || format!("unable to parse requirement: invalid selector term {t:?}");
+    let one = |v: &str| Some(vec![v.trim().to_string()]);
+    let (key, values, negate) = if let Some((key, v)) = t.split_once("!=") {
+        (key, one(v), true)
+    } else if let Some((key, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+        (key, one(v), false)
+    } else if field {
+        return Err(err());
+    } else if let Some(key) = t.strip_prefix('!') {
+        (key, None, true)
+    } else if let Some((head, set)) = t.strip_suffix(')').and_then(|t| t.split_once('(')) {
+        let values = Some(set.split(',').map(|v| v.trim().to_string()).collect());
+        match head.trim().rsplit_once(' ') {
+            Some((key, "in")) => (key, values, false),
+            Some((key, "notin")) => (key, values, true),
+            _ => return Err(err()),
+        }
+    } else {
+        (t, None, false)
+    };
+    let key = key.trim().to_string();
+    let charset = |c: char| c.is_ascii_alphanumeric() || "-_./".contains(c);
+    if key.is_empty() || !key.chars().all(charset) {
+        return Err(err());
+    }
+    Ok(Requirement { key, field, values, negate })
+}
+
+// ---- small helpers ----
+
+fn status_json(code: u16, reason: &str, message: String, details: Value) -> Value {
+    let mut status = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code });
+    if !details.is_null() {
+        status["details"] = details;
+    }
+    status
+}
+
+fn status(code: u16, reason: &str, message: impl Into<String>, details: Value) -> Reply {
+    Reply::Json(code, status_json(code, reason, message.into(), details))
+}
+
+fn bad_request(message: impl Into<String>) -> Reply {
+    status(400, "BadRequest", message, Value::Null)
+}
+
+/// A numeric query parameter; absent or empty is `None`, garbage is 400.
+fn num_param(p: &Params, name: &str) -> Result<Option<u64>, Reply> {
+    let Some(raw) = p.get(name).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    raw.parse().map(Some).map_err(|_| bad_request(format!("invalid {name}: {raw:?}")))
+}
+
+fn version_info() -> Value {
+    json!({ "major": "1", "minor": "33", "emulationMajor": "1", "emulationMinor": "33",
+        "minCompatibilityMajor": "1", "minCompatibilityMinor": "32", "gitVersion": "v1.33.0",
+        "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+        "buildDate": "2025-04-23T00:00:00Z", "goVersion": "go1.24.2", "compiler": "gc",
+        "platform": "linux/amd64" })
+}
+
+fn str_at<'a>(obj: &'a Value, pointer: &str) -> Option<&'a str> {
+    obj.pointer(pointer).and_then(Value::as_str)
+}
+
+fn set_rv(obj: &mut Value, rv: u64) {
+    obj["metadata"]["resourceVersion"] = rv.to_string().into();
+}
+
+/// Opaque to clients (hex of "rv/namespace/name"), like the real base64 token.
+fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
+    let raw = format!("{rv}/{ns}/{name}");
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_continue(token: &str, plural: &'static str) -> Option<(u64, Key)> {
+    let hex = |i: usize| u8::from_str_radix(token.get(i..i + 2)?, 16).ok();
+    let bytes: Vec<u8> = (0..token.len()).step_by(2).map(hex).collect::<Option<_>>()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let mut parts = text.splitn(3, '/').map(str::to_string);
+    let rv = parts.next()?.parse().ok()?;
+    Some((rv, (plural, parts.next()?, parts.next()?)))
+}
+
+fn parse_query(query: &str) -> Params {
+    let pairs = query.split('&').filter(|kv| !kv.is_empty());
+    let pairs = pairs.map(|kv| kv.split_once('=').unwrap_or((kv, "")));
+    pairs.map(|(k, v)| (pct_decode(k), pct_decode(v))).collect()
+}
+
+fn pct_decode(s: &str) -> String {
+    let (bytes, mut out, mut i) = (s.as_bytes(), Vec::with_capacity(s.len()), 0);
+    while i < bytes.len() {
+        let hex = s.get(i + 1..i + 3).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(decoded)) => {
+                out.push(decoded);
+                i += 2;
+            }
+            (b'+', _) => out.push(b' '),
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+fn random() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(unix_now().as_nanos());
+    hasher.finish()
+}
+
+fn new_uid() -> String {
+    let (a, b) = (random(), random());
+    format!("{:08x}-0000-4000-8000-{:012x}", a >> 32, b >> 16)
+}
+
+fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::from_second(unix_now().as_secs() as i64);
+    now.map_or_else(|_| "1970-01-01T00:00:00Z".to_string(), |t| t.to_string())
+}

@@ -1,0 +1,5 @@
+#![allow(dead_code)]
+
+pub mod agent;
+pub mod fake_apiserver;
+pub mod targets;

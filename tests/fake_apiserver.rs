@@ -1,0 +1,364 @@
+//! Self-test of the fake kube-apiserver fixture against the real `kube` crate.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_apiserver::{cordoned, node, node_with_images, pod, FakeApiServer, Fault};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::ResourceExt;
+
+const NS: &str = "kubenurse";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn nurse(name: &str, node: &str, ip: &str) -> Pod {
+    pod(name, NS, &[("app", "kubenurse")], node, ip, "Running")
+}
+
+fn api_error(err: kube::Error) -> Box<kube::core::Status> {
+    match err {
+        kube::Error::Api(status) => status,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn names<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<String> {
+    let mut names: Vec<String> = pods.into_iter().map(|p| p.name_any()).collect();
+    names.sort();
+    names
+}
+
+/// Next watcher item (Ok or Err), failing the test after `WAIT`.
+async fn next<S, T>(stream: &mut S) -> T
+where
+    S: Stream<Item = T> + Unpin,
+{
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("timed out waiting for a watcher event")
+        .expect("watcher stream ended")
+}
+
+/// Skips items until one satisfies `pred`; returns the skipped ones too.
+async fn wait_for<S, T>(stream: &mut S, mut pred: impl FnMut(&T) -> bool) -> (T, Vec<T>)
+where
+    S: Stream<Item = T> + Unpin,
+{
+    let mut skipped = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let item = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("timed out waiting for the expected watcher event")
+            .expect("watcher stream ended");
+        if pred(&item) {
+            return (item, skipped);
+        }
+        skipped.push(item);
+    }
+}
+
+type PodEvent = Result<Event<Pod>, watcher::Error>;
+
+fn is_apply(ev: &PodEvent, name: &str) -> bool {
+    matches!(ev, Ok(Event::Apply(p)) if p.name_any() == name)
+}
+
+fn is_delete(ev: &PodEvent, name: &str) -> bool {
+    matches!(ev, Ok(Event::Delete(p)) if p.name_any() == name)
+}
+
+#[tokio::test]
+async fn list_paginates_with_consistent_snapshot() {
+    let server = FakeApiServer::start().await;
+    for i in 0..5 {
+        server.upsert_pod(nurse(&format!("nurse-{i}"), &format!("node-{i}"), &format!("10.0.0.{i}")));
+    }
+    server.upsert_pod(pod("other", NS, &[("app", "other")], "node-0", "10.0.1.1", "Running"));
+    server.upsert_pod(pod("nurse-elsewhere", "default", &[("app", "kubenurse")], "node-0", "10.0.1.2", "Running"));
+    let api: Api<Pod> = Api::namespaced(server.kube_client(), NS);
+
+    let lp = ListParams::default().labels("app=kubenurse").limit(2);
+    let first = api.list(&lp).await.expect("first page");
+    assert_eq!(names(&first.items), ["nurse-0", "nurse-1"]);
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    let snapshot_rv = first.metadata.resource_version.clone().expect("list resourceVersion");
+    assert_eq!(snapshot_rv, server.resource_version().to_string());
+    let item = &first.items[0];
+    assert!(item.metadata.uid.is_some() && item.metadata.creation_timestamp.is_some());
+    assert!(item.metadata.resource_version.is_some());
+
+    // Changes after the first page must not leak into later pages.
+    server.upsert_pod(nurse("nurse-2b", "node-9", "10.0.0.99"));
+    server.delete_pod(NS, "nurse-4");
+
+    let mut all = first.items.clone();
+    let mut token = first.metadata.continue_;
+    let mut pages = 1;
+    while let Some(t) = token.filter(|t| !t.is_empty()) {
+        let page = api.list(&lp.clone().continue_token(&t)).await.expect("next page");
+        assert_eq!(page.metadata.resource_version.as_deref(), Some(snapshot_rv.as_str()));
+        assert!(page.items.len() <= 2);
+        all.extend(page.items);
+        token = page.metadata.continue_;
+        pages += 1;
+        assert!(pages < 10, "pagination does not terminate");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names(&all), ["nurse-0", "nurse-1", "nurse-2", "nurse-3", "nurse-4"]);
+
+    // A fresh list sees the new state.
+    let now = api.list(&ListParams::default().labels("app=kubenurse")).await.expect("list");
+    assert_eq!(names(&now.items), ["nurse-0", "nurse-1", "nurse-2", "nurse-2b", "nurse-3"]);
+    assert_eq!(server.list_calls("/namespaces/kubenurse/pods"), 4);
+
+    // Continue tokens older than the compacted history are rejected with 410.
+    let first = api.list(&lp).await.expect("first page");
+    server.expire_watches();
+    let token = first.metadata.continue_.expect("continue token");
+    let err = api.list(&lp.clone().continue_token(&token)).await.expect_err("expired token");
+    let status = api_error(err);
+    assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+    let err = api.list(&lp.clone().continue_token("not-hex")).await.expect_err("garbage token");
+    assert_eq!(api_error(err).code, 400);
+}
+
+#[tokio::test]
+async fn label_and_field_selectors() {
+    let server = FakeApiServer::start().await;
+    server.upsert_pod(nurse("a", "node-a", "10.0.0.1"));
+    server.upsert_pod(nurse("b", "node-b", "10.0.0.2"));
+    server.upsert_pod(pod("c", NS, &[("app", "kubenurse"), ("tier", "x")], "node-a", "", "Pending"));
+    server.upsert_pod(pod("d", NS, &[("app", "other")], "node-a", "10.0.0.4", "Running"));
+    server.upsert_pod(pod("e", NS, &[], "node-b", "10.0.0.5", "Succeeded"));
+    server.upsert_node(node("node-a"));
+    server.upsert_node(cordoned(node("node-b")));
+    server.upsert_node(node_with_images("node-c", 50));
+    let client = server.kube_client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let list = |lp: ListParams| {
+        let pods = pods.clone();
+        async move { names(&pods.list(&lp).await.expect("list").items) }
+    };
+
+    let by_fields = |f: &str| ListParams::default().fields(f);
+    assert_eq!(list(by_fields("spec.nodeName=node-a")).await, ["a", "c", "d"]);
+    assert_eq!(list(by_fields("spec.nodeName==node-a,status.phase!=Running")).await, ["c"]);
+    assert_eq!(list(by_fields("metadata.name=b,metadata.namespace=kubenurse")).await, ["b"]);
+    let both = ListParams::default().labels("app=kubenurse").fields("status.phase=Running");
+    assert_eq!(list(both).await, ["a", "b"]);
+
+    let by_labels = |l: &str| ListParams::default().labels(l);
+    assert_eq!(list(by_labels("app in (kubenurse, other),tier!=x")).await, ["a", "b", "d"]);
+    assert_eq!(list(by_labels("app notin (kubenurse)")).await, ["d", "e"]);
+    assert_eq!(list(by_labels("!app")).await, ["e"]);
+    assert_eq!(list(by_labels("app,tier")).await, ["c"]);
+    assert_eq!(list(by_labels("app==other")).await, ["d"]);
+
+    let err = pods.list(&by_fields("spec.bogus=1")).await.expect_err("unsupported field");
+    let status = api_error(err);
+    assert_eq!((status.code, status.reason.as_str()), (400, "BadRequest"));
+    assert!(status.message.contains("field label not supported"), "{}", status.message);
+    assert_eq!(api_error(pods.list(&by_labels("app in (a")).await.expect_err("bad")).code, 400);
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let schedulable = nodes.list(&by_fields("spec.unschedulable=false")).await.expect("nodes");
+    let mut node_names: Vec<String> = schedulable.items.iter().map(|n| n.name_any()).collect();
+    node_names.sort();
+    assert_eq!(node_names, ["node-a", "node-c"]);
+    assert_eq!(
+        schedulable
+            .items
+            .iter()
+            .find(|n| n.name_any() == "node-c")
+            .map(|n| { n.status.as_ref().and_then(|s| s.images.as_ref()).map_or(0, Vec::len) }),
+        Some(50)
+    );
+    let cordoned = nodes.get("node-b").await.expect("get node");
+    assert_eq!(cordoned.spec.and_then(|s| s.unschedulable), Some(true));
+    let missing = api_error(nodes.get("nope").await.expect_err("missing node"));
+    assert_eq!((missing.code, missing.reason.as_str()), (404, "NotFound"));
+
+    let version = client.apiserver_version().await.expect("version");
+    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "33"));
+    assert!(server.response_bytes() > 10_000, "node-c alone is large");
+}
+
+#[tokio::test]
+async fn watcher_follows_changes_and_relists_after_expiry() {
+    let server = FakeApiServer::start().await;
+    server.upsert_pod(nurse("a", "node-a", "10.0.0.1"));
+    server.upsert_pod(nurse("b", "node-b", "10.0.0.2"));
+    server.upsert_pod(pod("x", NS, &[("app", "other")], "node-a", "10.0.0.9", "Running"));
+    let api: Api<Pod> = Api::namespaced(server.kube_client(), NS);
+    let cfg = watcher::Config::default().labels("app=kubenurse");
+    let mut events = watcher(api, cfg).default_backoff().boxed();
+
+    assert!(matches!(next(&mut events).await, Ok(Event::Init)));
+    let mut initial = Vec::new();
+    loop {
+        match next(&mut events).await.expect("init event") {
+            Event::InitApply(p) => initial.push(p),
+            Event::InitDone => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(names(&initial), ["a", "b"]);
+
+    server.upsert_pod(pod("x", NS, &[("app", "other")], "node-b", "10.0.0.9", "Running")); // filtered
+    server.upsert_pod(nurse("c", "node-c", "10.0.0.3"));
+    let (ev, skipped) = wait_for(&mut events, |e| is_apply(e, "c")).await;
+    assert!(skipped.is_empty(), "unexpected events before Apply(c): {skipped:?}");
+    let Ok(Event::Apply(c)) = ev else { unreachable!() };
+    assert_eq!(c.status.and_then(|s| s.pod_ip).as_deref(), Some("10.0.0.3"));
+    assert_eq!(server.get_pod(NS, "c").and_then(|p| p.metadata.resource_version), c.metadata.resource_version);
+
+    // Relabeling out of the selector looks like a delete, like the real apiserver.
+    server.upsert_pod(pod("b", NS, &[("app", "retired")], "node-b", "10.0.0.2", "Running"));
+    assert!(is_delete(&next(&mut events).await, "b"));
+    assert!(server.delete_pod(NS, "a"));
+    assert!(is_delete(&next(&mut events).await, "a"));
+    assert!(server.watch_calls("/pods") >= 1);
+
+    // Compaction: the stream ends, the resume gets 410 and the watcher re-lists.
+    let lists_before = server.list_calls("/pods");
+    server.expire_watches();
+    let (_, skipped) = wait_for(&mut events, |e| matches!(e, Ok(Event::Init))).await;
+    assert!(skipped.iter().all(Result::is_err), "{skipped:?}");
+    let (_, relisted) = wait_for(&mut events, |e| matches!(e, Ok(Event::InitDone))).await;
+    let relisted: Vec<Pod> = relisted
+        .into_iter()
+        .filter_map(|e| match e {
+            Ok(Event::InitApply(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names(&relisted), ["c"]);
+    assert_eq!(server.list_calls("/pods"), lists_before + 1);
+    assert!(server.requests().iter().any(|r| r.watch && r.query.contains("resourceVersion=")));
+
+    server.upsert_pod(nurse("d", "node-d", "10.0.0.4"));
+    let _ = wait_for(&mut events, |e| is_apply(e, "d")).await;
+}
+
+#[tokio::test]
+async fn raw_watch_honours_timeout_and_expired_resource_version() {
+    let server = FakeApiServer::start().await;
+    server.upsert_pod(nurse("a", "node-a", "10.0.0.1"));
+    let api: Api<Pod> = Api::namespaced(server.kube_client(), NS);
+
+    // kube asks for bookmarks by default: one arrives right before the timeout closes the stream.
+    let wp = WatchParams::default().labels("app=kubenurse").timeout(1);
+    let started = tokio::time::Instant::now();
+    let stream = api.watch(&wp, "0").await.expect("watch");
+    let all: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>()).await.expect("timeoutSeconds honoured");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    match all.as_slice() {
+        [Ok(WatchEvent::Added(p)), Ok(WatchEvent::Bookmark(bm))] => {
+            assert_eq!(p.name_any(), "a");
+            assert_eq!(bm.metadata.resource_version, server.resource_version().to_string());
+        }
+        other => panic!("expected ADDED then BOOKMARK, got {other:?}"),
+    }
+    let stream = api.watch(&wp.clone().disable_bookmarks(), "0").await.expect("watch");
+    let all: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>()).await.expect("timeoutSeconds honoured");
+    assert!(matches!(all.as_slice(), [Ok(WatchEvent::Added(_))]), "{all:?}");
+
+    let rv = server.resource_version().to_string();
+    server.expire_watches();
+    let mut stream = api.watch(&wp, &rv).await.expect("watch").boxed();
+    match next(&mut stream).await.expect("error event") {
+        WatchEvent::Error(status) => {
+            assert_eq!((status.code, status.reason.as_str()), (410, "Expired"))
+        }
+        other => panic!("expected 410 ERROR event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn auth_and_injected_errors() {
+    let server = FakeApiServer::start().await;
+    server.upsert_pod(nurse("a", "node-a", "10.0.0.1"));
+
+    let mut cfg = server.kube_config();
+    cfg.auth_info = serde_json::from_value(serde_json::json!({ "token": "wrong" })).expect("auth");
+    let bad: Api<Pod> = Api::namespaced(kube::Client::try_from(cfg).expect("client"), NS);
+    let status = api_error(bad.list(&ListParams::default()).await.expect_err("401"));
+    assert_eq!((status.code, status.reason.as_str()), (401, "Unauthorized"));
+
+    let client = server.kube_client();
+    let api: Api<Pod> = Api::namespaced(client.clone(), NS);
+    server.set_fault(Fault::Forbidden);
+    let status = api_error(api.list(&ListParams::default()).await.expect_err("403"));
+    assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
+    assert!(status.message.contains(r#"cannot list resource "pods" in API group "" in the namespace "kubenurse""#));
+
+    server.set_fault(Fault::ServerError);
+    let status = api_error(api.list(&ListParams::default()).await.expect_err("500"));
+    assert_eq!(status.code, 500);
+
+    server.set_fault(Fault::None);
+    assert_eq!(api.list(&ListParams::default()).await.expect("healthy").items.len(), 1);
+    let statuses: Vec<u16> = server.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [401, 403, 500, 200]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    server.write_service_account_dir(dir.path());
+    assert_eq!(std::fs::read_to_string(dir.path().join("token")).expect("token"), server.token());
+    assert!(std::fs::read_to_string(dir.path().join("ca.crt")).expect("ca").contains("BEGIN CERTIFICATE"));
+}
+
+#[tokio::test]
+async fn watcher_recovers_from_outage() {
+    let server = FakeApiServer::start().await;
+    server.upsert_pod(nurse("a", "node-a", "10.0.0.1"));
+    let client = server.kube_client();
+    let api: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let cfg = watcher::Config::default().labels("app=kubenurse");
+    let mut events = watcher(api.clone(), cfg).default_backoff().boxed();
+    let _ = wait_for(&mut events, |e| matches!(e, Ok(Event::InitDone))).await;
+    server.upsert_pod(nurse("b", "node-b", "10.0.0.2"));
+    let _ = wait_for(&mut events, |e| is_apply(e, "b")).await; // the watch stream is established
+
+    server.set_fault(Fault::Outage);
+    let err = api.list(&ListParams::default()).await.expect_err("outage");
+    assert!(!matches!(err, kube::Error::Api(_)), "connection-level error expected, got {err:?}");
+    let (ev, _) = wait_for(&mut events, Result::is_err).await;
+    assert!(ev.is_err());
+    server.upsert_pod(nurse("c", "node-c", "10.0.0.3")); // happens while clients are cut off
+
+    server.set_fault(Fault::None);
+    let (_, skipped) = wait_for(&mut events, |e| is_apply(e, "c")).await;
+    assert!(skipped.iter().all(|e| e.is_err()), "{skipped:?}");
+    assert_eq!(api.list(&ListParams::default()).await.expect("recovered").items.len(), 3);
+}
+
+#[tokio::test]
+async fn many_concurrent_clients() {
+    let server = FakeApiServer::start().await;
+    for i in 0..20 {
+        server.upsert_node(node(&format!("node-{i:02}")));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let nodes: Api<Node> = Api::all(server.kube_client());
+        tasks.spawn(async move {
+            for _ in 0..5 {
+                let list = nodes.list(&ListParams::default().limit(7)).await.expect("list");
+                assert_eq!(list.items.len(), 7);
+            }
+        });
+    }
+    tokio::time::timeout(WAIT, async {
+        while let Some(res) = tasks.join_next().await {
+            res.expect("client task");
+        }
+    })
+    .await
+    .expect("concurrent lists finish");
+    assert_eq!(server.list_calls("/nodes"), 80);
+}
