@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::agent::{get, probed_nodes, results, start, wait_report};
-use common::fake_apiserver::{cordoned, node, pod, Fault, FakeApiServer};
+use common::fake_apiserver::{cordoned, node, pod, FakeApiServer, Fault};
 use common::targets::Target;
 use kubenurse::agent::Agent;
 

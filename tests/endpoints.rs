@@ -123,3 +123,46 @@ async fn metrics_pass_promtool_and_carry_no_scope_labels() {
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn tls_agents_serve_https_and_probe_each_other_over_it() {
+    use common::targets::TestCa;
+    let ca = TestCa::new("cluster test CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = ca.leaf_pem(&["127.0.0.31", "127.0.0.32"]);
+    let paths = [("cert.pem", cert), ("key.pem", key), ("ca.pem", ca.cert_pem.clone())];
+    for (name, pem) in &paths {
+        std::fs::write(dir.path().join(name), pem).expect("write pem");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.31:0").expect("bind").local_addr().expect("addr").port();
+    let tls_port = std::net::TcpListener::bind("127.0.0.31:0").expect("bind").local_addr().expect("addr").port();
+    let mut agents = Vec::new();
+    for (me, other) in [("127.0.0.31", "127.0.0.32"), ("127.0.0.32", "127.0.0.31")] {
+        agents.push(
+            start(&[
+                format!("--listen-addr={me}:{port}"),
+                format!("--tls-listen-addr={me}:{tls_port}"),
+                "--use-tls=true".into(),
+                format!("--cert-file={}", dir.path().join("cert.pem").display()),
+                format!("--cert-key={}", dir.path().join("key.pem").display()),
+                format!("--extra-ca={}", dir.path().join("ca.pem").display()),
+                format!("--neighbours=node-{other}={other}:{tls_port}"),
+                "--check-interval=200ms".into(),
+            ])
+            .await,
+        );
+    }
+    for agent in &agents {
+        assert!(agent.tls_local_addr.is_some());
+        let report = common::agent::wait_report(agent, "the TLS neighbour answers", |r| {
+            r.results.iter().any(|p| p.target.kind.starts_with("path_") && p.is_ok())
+        })
+        .await;
+        let probe = report.results.iter().find(|p| p.target.kind.starts_with("path_")).expect("path probe");
+        assert_eq!(probe.target.url.scheme_str(), Some("https"));
+        assert!(probe.event(kubenurse::phase::Event::TlsHandshakeDone).is_some());
+    }
+    for agent in agents {
+        agent.stop().await;
+    }
+}
