@@ -38,6 +38,9 @@ use tokio_rustls::TlsAcceptor;
 /// Namespace of the ServiceAccount the fake token belongs to.
 pub const SA_NAMESPACE: &str = "kubenurse";
 const SA_USER: &str = "system:serviceaccount:kubenurse:kubenurse";
+const CONTINUE_EXPIRED: &str = "The provided continue parameter is too old to display a consistent list result. \
+    You can start a new list without the continue parameter, or use the continue value from the response to get a \
+    consistent list result.";
 /// The real apiserver picks 30-60 min when the client sends no timeoutSeconds.
 const DEFAULT_WATCH_TIMEOUT: u64 = 1800;
 
@@ -588,7 +591,7 @@ fn list(st: &State, filter: Filter, p: &Params) -> Result<Value, Reply> {
     };
     if rv < st.compacted {
         let msg = match after {
-            Some(_) => "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue value from the response to get a consistent list result.".to_string(),
+            Some(_) => CONTINUE_EXPIRED.to_string(),
             None => format!("too old resource version: {rv} ({})", st.compacted),
         };
         return Err(status(410, "Expired", msg, Value::Null));
@@ -720,8 +723,8 @@ impl WatchCursor {
                     if !self.bookmarks {
                         return None;
                     }
-                    let meta = json!({ "resourceVersion": self.last_rv.to_string() });
-                    self.push("BOOKMARK", &json!({ "kind": self.filter.res.kind, "apiVersion": "v1", "metadata": meta }));
+                    let (kind, meta) = (self.filter.res.kind, json!({ "resourceVersion": self.last_rv.to_string() }));
+                    self.push("BOOKMARK", &json!({ "kind": kind, "apiVersion": "v1", "metadata": meta }));
                     self.done = true;
                 }
                 changed = self.signal.changed() => {
