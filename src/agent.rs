@@ -9,14 +9,20 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::otel::OtlpHistogram;
 use crate::config::{Config, ConfigError};
 use crate::discovery::{Discovery, KubeSettings, Source};
 use crate::incoming::IncomingChecks;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Push};
 use crate::probe::{Prober, ProberSettings};
 use crate::scheduler::{fixed_targets, RoundReport, Scheduler};
 use crate::server::{router, AppState};
+use crate::telemetry::ProbeSpans;
 use crate::{kube_client, listener, telemetry, tls};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+/// The longest the final telemetry flush may take at shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -26,6 +32,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
 
 impl StartError {
@@ -43,6 +51,8 @@ pub struct Bound {
     skipped: Vec<crate::scheduler::Skipped>,
     prober: Arc<Prober>,
     metrics: Arc<Metrics>,
+    spans: Option<Arc<ProbeSpans>>,
+    tracer: Option<SdkTracerProvider>,
     incoming: Arc<IncomingChecks>,
     pod_name: String,
     plain: tokio::net::TcpListener,
@@ -57,6 +67,7 @@ pub struct Agent {
     pub local_addr: SocketAddr,
     pub tls_local_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    tracer: Option<SdkTracerProvider>,
     reports: watch::Receiver<Option<Arc<RoundReport>>>,
     draining: Arc<AtomicBool>,
     stop_probing: watch::Sender<bool>,
@@ -86,6 +97,7 @@ impl Agent {
         };
 
         let kube = kube_client::build(&config).await?;
+        let namespace = config.namespace.clone().or_else(|| kube.as_ref().map(|k| k.namespace.clone()));
         let source = if !config.check_neighbourhood {
             Source::None
         } else if let Some(list) = &config.neighbours {
@@ -93,7 +105,7 @@ impl Agent {
         } else if let Some(kube) = kube {
             Source::Kubernetes(KubeSettings {
                 client: kube.client,
-                namespace: config.namespace.clone().unwrap_or(kube.namespace),
+                namespace: namespace.clone().unwrap_or(kube.namespace),
                 label_selector: config.neighbour_filter.clone(),
                 own_pod: pod_name.clone(),
                 own_node: config.node_name.clone(),
@@ -105,8 +117,14 @@ impl Agent {
         };
 
         let incoming = Arc::new(IncomingChecks::default());
-        let resource = telemetry::resource(&config, &pod_name);
-        let metrics = Arc::new(Metrics::new(config.buckets(), resource, incoming.clone())?);
+        let resource = telemetry::resource(&config, &pod_name, namespace.as_deref());
+        let push = telemetry::metric_reader(&config.otel)?.map(|reader| Push {
+            reader,
+            exponential_histograms: config.otel.otlp_histogram == OtlpHistogram::Exponential,
+        });
+        let metrics = Arc::new(Metrics::new(config.buckets(), resource.clone(), incoming.clone(), push)?);
+        let tracer = telemetry::tracer_provider(&config.otel, resource)?;
+        let spans = tracer.as_ref().map(|t| Arc::new(ProbeSpans::new(t, config.slow_threshold)));
         let (fixed, skipped) = fixed_targets(&config);
         for s in &skipped {
             tracing::info!(probe = %s.kind, reason = %s.reason, "probe skipped");
@@ -142,6 +160,8 @@ impl Agent {
             skipped,
             prober,
             metrics,
+            spans,
+            tracer,
             incoming,
             pod_name,
             plain,
@@ -162,6 +182,8 @@ impl Bound {
             skipped,
             prober,
             metrics,
+            spans,
+            tracer,
             incoming,
             pod_name,
             plain,
@@ -187,6 +209,7 @@ impl Bound {
             discovery: discovery.clone(),
             prober,
             metrics: metrics.clone(),
+            spans,
             reports: reports_tx,
         };
         let app = router(Arc::new(AppState {
@@ -205,7 +228,18 @@ impl Bound {
             tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, serving_rx)));
         }
         tracing::info!(%local_addr, tls = ?tls_local_addr, "kubenurse started");
-        Agent { config, local_addr, tls_local_addr, metrics, reports, draining, stop_probing, stop_serving, tasks }
+        Agent {
+            config,
+            local_addr,
+            tls_local_addr,
+            metrics,
+            tracer,
+            reports,
+            draining,
+            stop_probing,
+            stop_serving,
+            tasks,
+        }
     }
 }
 
@@ -240,8 +274,21 @@ impl Agent {
                 tracing::warn!("a task did not stop in time");
             }
         }
+        // Push what the last interval recorded. Exporters have their own deadlines; this
+        // bounds the whole flush in case a collector hangs.
         let metrics = self.metrics.clone();
-        let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
+        let tracer = self.tracer.clone();
+        let flush = tokio::task::spawn_blocking(move || {
+            if let Some(tracer) = tracer {
+                if let Err(e) = tracer.shutdown() {
+                    tracing::warn!(error = %e, "final span export failed");
+                }
+            }
+            metrics.shutdown();
+        });
+        if tokio::time::timeout(FLUSH_TIMEOUT, flush).await.is_err() {
+            tracing::warn!(limit = ?FLUSH_TIMEOUT, "telemetry flush did not finish in time");
+        }
         tracing::info!("kubenurse stopped");
     }
 }

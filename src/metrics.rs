@@ -7,14 +7,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _, ObservableGauge};
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::metrics::{Aggregation, Instrument, InstrumentKind, SdkMeterProvider, Stream};
 use opentelemetry_sdk::Resource;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::incoming::IncomingChecks;
 use crate::phase::ProbeResult;
+use crate::telemetry::PushReader;
 
 /// OpenTelemetry instrument names; the Prometheus names are these plus the unit suffix.
 pub mod names {
@@ -35,9 +36,18 @@ pub enum MetricsError {
 }
 
 /// The agent's instruments and its Prometheus registry.
+///
+/// Normally one meter provider carries both readers (Prometheus pull, OTLP push). When OTLP
+/// histograms are exponential, a second provider with that view feeds the push reader, since
+/// views apply to a whole provider and the Prometheus reader drops exponential histograms;
+/// every measurement is then recorded twice.
 pub struct Metrics {
-    provider: SdkMeterProvider,
+    providers: Vec<SdkMeterProvider>,
     registry: prometheus::Registry,
+    instruments: Vec<Instruments>,
+}
+
+struct Instruments {
     request_duration: Histogram<f64>,
     trace_duration: Histogram<f64>,
     requests: Counter<u64>,
@@ -46,81 +56,66 @@ pub struct Metrics {
     _incoming: ObservableGauge<u64>,
 }
 
+/// OTLP push settings for [`Metrics::new`].
+pub struct Push {
+    pub reader: PushReader,
+    pub exponential_histograms: bool,
+}
+
 impl Metrics {
-    /// Builds the meter provider with the Prometheus reader and creates every instrument.
-    pub fn new(buckets: Vec<f64>, resource: Resource, incoming: Arc<IncomingChecks>) -> Result<Self, MetricsError> {
+    /// Builds the meter provider(s) with their readers, then every instrument.
+    pub fn new(
+        buckets: Vec<f64>,
+        resource: Resource,
+        incoming: Arc<IncomingChecks>,
+        push: Option<Push>,
+    ) -> Result<Self, MetricsError> {
         let registry = prometheus::Registry::new();
-        let reader = opentelemetry_prometheus::exporter()
+        let prometheus = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .without_target_info()
             .scope_info_enabled(false)
             .build()
             .map_err(|e| MetricsError::Reader(e.to_string()))?;
-        let provider = SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
-        let meter = provider.meter("kubenurse");
-
-        let request_duration = meter
-            .f64_histogram(names::REQUEST_DURATION)
-            .with_unit("s")
-            .with_description("duration of the whole request, from start to the response headers")
-            .with_boundaries(buckets.clone())
-            .build();
-        let trace_duration = meter
-            .f64_histogram(names::TRACE_REQUEST_DURATION)
-            .with_unit("s")
-            .with_description("time from the request start until each request event")
-            .with_boundaries(buckets.clone())
-            .build();
-        let requests = meter
-            .u64_counter(names::REQUESTS)
-            .with_description("probe requests by probe type and HTTP status (or round_trip_error)")
-            .build();
-        let errors = meter
-            .u64_counter(names::ERRORS)
-            .with_description("failed probes by probe type and the phase that failed")
-            .build();
-        let round_lateness = meter
-            .f64_histogram(names::ROUND_LATENESS)
-            .with_unit("s")
-            .with_description("how late a probe round started against its schedule")
-            .with_boundaries(buckets)
-            .build();
-        let incoming = meter
-            .u64_observable_gauge(names::INCOMING_CHECKS)
-            .with_description("distinct neighbours that probed this agent in the last 60 seconds")
-            .with_callback(move |gauge| gauge.observe(incoming.count(Instant::now()) as u64, &[]))
-            .build();
-
-        Ok(Self {
-            provider,
-            registry,
-            request_duration,
-            trace_duration,
-            requests,
-            errors,
-            round_lateness,
-            _incoming: incoming,
-        })
+        let mut main = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(prometheus);
+        let mut providers = Vec::new();
+        match push {
+            Some(Push { reader, exponential_histograms: false }) => main = main.with_reader(reader),
+            Some(Push { reader, exponential_histograms: true }) => providers.push(
+                SdkMeterProvider::builder().with_resource(resource).with_reader(reader).with_view(exponential).build(),
+            ),
+            None => {}
+        }
+        providers.insert(0, main.build());
+        let instruments =
+            providers.iter().map(|p| Instruments::new(&p.meter("kubenurse"), &buckets, incoming.clone())).collect();
+        Ok(Self { providers, registry, instruments })
     }
 
     /// Records one probe: its events, its duration, its status and, if it failed, the phase.
     pub fn record_probe(&self, result: &ProbeResult) {
         let kind = KeyValue::new("type", result.target.kind.clone());
-        for (event, offset) in &result.events {
-            self.trace_duration.record(offset.as_secs_f64(), &[kind.clone(), KeyValue::new("event", event.label())]);
-        }
-        if let Some(duration) = result.response_after {
-            self.request_duration.record(duration.as_secs_f64(), std::slice::from_ref(&kind));
-        }
-        self.requests.add(1, &[kind.clone(), KeyValue::new("code", result.code_label())]);
-        if let Some(event) = result.error_event() {
-            self.errors.add(1, &[kind, KeyValue::new("event", event)]);
+        let code = KeyValue::new("code", result.code_label());
+        let error = result.error_event().map(|e| KeyValue::new("event", e));
+        for i in &self.instruments {
+            for (event, offset) in &result.events {
+                i.trace_duration.record(offset.as_secs_f64(), &[kind.clone(), KeyValue::new("event", event.label())]);
+            }
+            if let Some(duration) = result.response_after {
+                i.request_duration.record(duration.as_secs_f64(), std::slice::from_ref(&kind));
+            }
+            i.requests.add(1, &[kind.clone(), code.clone()]);
+            if let Some(event) = &error {
+                i.errors.add(1, &[kind.clone(), event.clone()]);
+            }
         }
     }
 
     /// Records how late a round started.
     pub fn record_round_lateness(&self, lateness: Duration) {
-        self.round_lateness.record(lateness.as_secs_f64(), &[]);
+        for i in &self.instruments {
+            i.round_lateness.record(lateness.as_secs_f64(), &[]);
+        }
     }
 
     /// The Prometheus text exposition of every instrument.
@@ -130,15 +125,59 @@ impl Metrics {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
-    /// The meter provider, for readers added by the telemetry set-up.
-    pub fn provider(&self) -> &SdkMeterProvider {
-        &self.provider
-    }
-
-    /// Flushes and stops every reader.
+    /// Pushes what has been recorded and stops every reader (blocking, bounded by the
+    /// exporters' timeouts).
     pub fn shutdown(&self) {
-        if let Err(e) = self.provider.shutdown() {
-            tracing::debug!(error = %e, "meter provider shutdown");
+        for provider in &self.providers {
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "final metric export failed");
+            }
+        }
+    }
+}
+
+/// The view of the push-only provider: histograms become base-2 exponential.
+fn exponential(instrument: &Instrument) -> Option<Stream> {
+    if instrument.kind() != InstrumentKind::Histogram {
+        return None;
+    }
+    let aggregation = Aggregation::Base2ExponentialHistogram { max_size: 160, max_scale: 20, record_min_max: true };
+    Stream::builder().with_aggregation(aggregation).build().ok()
+}
+
+impl Instruments {
+    fn new(meter: &Meter, buckets: &[f64], incoming: Arc<IncomingChecks>) -> Self {
+        let histogram = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(buckets.to_vec())
+                .build()
+        };
+        Self {
+            request_duration: histogram(
+                names::REQUEST_DURATION,
+                "duration of the whole request, from start to the response headers",
+            ),
+            trace_duration: histogram(
+                names::TRACE_REQUEST_DURATION,
+                "time from the request start until each request event",
+            ),
+            round_lateness: histogram(names::ROUND_LATENESS, "how late a probe round started against its schedule"),
+            requests: meter
+                .u64_counter(names::REQUESTS)
+                .with_description("probe requests by probe type and HTTP status (or round_trip_error)")
+                .build(),
+            errors: meter
+                .u64_counter(names::ERRORS)
+                .with_description("failed probes by probe type and the phase that failed")
+                .build(),
+            _incoming: meter
+                .u64_observable_gauge(names::INCOMING_CHECKS)
+                .with_description("distinct neighbours that probed this agent in the last 60 seconds")
+                .with_callback(move |gauge| gauge.observe(incoming.count(Instant::now()) as u64, &[]))
+                .build(),
         }
     }
 }

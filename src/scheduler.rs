@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::phase::{Peer, ProbeResult, Target};
 use crate::probe::{pool_key, Prober};
 use crate::selection::select;
+use crate::telemetry::ProbeSpans;
 
 /// A probe that is not run, and why.
 #[derive(Debug, Clone)]
@@ -87,6 +88,8 @@ pub struct Scheduler {
     pub discovery: Discovery,
     pub prober: Arc<Prober>,
     pub metrics: Arc<Metrics>,
+    /// Slow and failed probes become spans when traces are exported.
+    pub spans: Option<Arc<ProbeSpans>>,
     pub reports: watch::Sender<Option<Arc<RoundReport>>>,
 }
 
@@ -131,6 +134,9 @@ impl Scheduler {
         let results = futures::future::join_all(targets.into_iter().map(|t| self.prober.probe(t))).await;
         for result in &results {
             self.metrics.record_probe(result);
+            if let Some(spans) = &self.spans {
+                spans.record(result);
+            }
             if !result.is_ok() {
                 tracing::debug!(probe = %result.target.kind, error = %result.summary(), "probe failed");
             }

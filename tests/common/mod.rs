@@ -2,4 +2,5 @@
 
 pub mod agent;
 pub mod fake_apiserver;
+pub mod otlp;
 pub mod targets;

@@ -13,7 +13,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-/// Paths: `/ok` 200, `/status/{code}` that code, `/slow` 200 after 3 s, `/alwayshappy` 200.
+/// Paths: `/ok` 200, `/status/{code}` that code, `/delay/{ms}` 200 after that long,
+/// `/slow` 200 after 3 s, `/alwayshappy` 200.
 pub fn routes(hits: Arc<AtomicUsize>) -> Router {
     Router::new()
         .route("/ok", get(|| async { StatusCode::OK }))
@@ -22,6 +23,13 @@ pub fn routes(hits: Arc<AtomicUsize>) -> Router {
             "/status/{code}",
             get(|axum::extract::Path(code): axum::extract::Path<u16>| async move {
                 StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
+            }),
+        )
+        .route(
+            "/delay/{ms}",
+            get(|axum::extract::Path(ms): axum::extract::Path<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
+                StatusCode::OK
             }),
         )
         .route(

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub mod otel;
+
 /// Exit status for bad configuration (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -177,6 +179,8 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "KUBENURSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub otel: otel::OtelConfig,
 }
 
 /// One `KUBENURSE_EXTRA_CHECKS` entry.

@@ -1,0 +1,211 @@
+//! In-process OTLP receivers (gRPC and HTTP/protobuf) that record what arrives: the decoded
+//! requests, their headers and whether they were compressed. They can be told to reject.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use prost::Message;
+
+/// One export as it arrived.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub signal: &'static str,
+    pub headers: BTreeMap<String, String>,
+    pub compressed: bool,
+}
+
+#[derive(Default)]
+struct Recorded {
+    metrics: Vec<ExportMetricsServiceRequest>,
+    traces: Vec<ExportTraceServiceRequest>,
+    arrivals: Vec<Arrival>,
+}
+
+#[derive(Clone, Default)]
+struct Shared {
+    recorded: Arc<Mutex<Recorded>>,
+    reject: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.recorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
+    headers.iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
+}
+
+#[tonic::async_trait]
+impl MetricsService for Shared {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if self.reject.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("receiver rejects"));
+        }
+        let headers = header_map(&request.metadata().clone().into_headers());
+        let compressed = headers.get("grpc-encoding").is_some_and(|e| e == "gzip");
+        let mut r = self.lock();
+        r.arrivals.push(Arrival { signal: "metrics", headers, compressed });
+        r.metrics.push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Shared {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.reject.load(Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("receiver rejects"));
+        }
+        let headers = header_map(&request.metadata().clone().into_headers());
+        let compressed = headers.get("grpc-encoding").is_some_and(|e| e == "gzip");
+        let mut r = self.lock();
+        r.arrivals.push(Arrival { signal: "traces", headers, compressed });
+        r.traces.push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn decompress(headers: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
+    if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(body), &mut out).ok()?;
+        Some(out)
+    } else {
+        Some(body.to_vec())
+    }
+}
+
+impl OtlpReceiver {
+    /// gRPC receiver on `addr` (port 0 for any).
+    pub async fn grpc(addr: SocketAddr) -> OtlpReceiver {
+        use tonic::codec::CompressionEncoding::Gzip;
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind grpc receiver");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Shared::default();
+        let server = tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(shared.clone()).accept_compressed(Gzip))
+            .add_service(TraceServiceServer::new(shared.clone()).accept_compressed(Gzip));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let task = tokio::spawn(async move {
+            let _ = server.serve_with_incoming(incoming).await;
+        });
+        OtlpReceiver { addr, shared, task }
+    }
+
+    /// HTTP/protobuf receiver on `addr` (`/v1/metrics`, `/v1/traces`).
+    pub async fn http(addr: SocketAddr) -> OtlpReceiver {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind http receiver");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Shared::default();
+        let metrics = shared.clone();
+        let traces = shared.clone();
+        let router = axum::Router::new()
+            .route(
+                "/v1/metrics",
+                post(move |headers: HeaderMap, body: Bytes| async move {
+                    if metrics.reject.load(Ordering::SeqCst) {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let Some(raw) = decompress(&headers, &body) else { return StatusCode::BAD_REQUEST };
+                    let Ok(request) = ExportMetricsServiceRequest::decode(raw.as_slice()) else {
+                        return StatusCode::BAD_REQUEST;
+                    };
+                    let compressed = headers.get("content-encoding").is_some_and(|v| v == "gzip");
+                    let mut r = metrics.lock();
+                    r.arrivals.push(Arrival { signal: "metrics", headers: header_map(&headers), compressed });
+                    r.metrics.push(request);
+                    StatusCode::OK
+                }),
+            )
+            .route(
+                "/v1/traces",
+                post(move |headers: HeaderMap, body: Bytes| async move {
+                    if traces.reject.load(Ordering::SeqCst) {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let Some(raw) = decompress(&headers, &body) else { return StatusCode::BAD_REQUEST };
+                    let Ok(request) = ExportTraceServiceRequest::decode(raw.as_slice()) else {
+                        return StatusCode::BAD_REQUEST;
+                    };
+                    let compressed = headers.get("content-encoding").is_some_and(|v| v == "gzip");
+                    let mut r = traces.lock();
+                    r.arrivals.push(Arrival { signal: "traces", headers: header_map(&headers), compressed });
+                    r.traces.push(request);
+                    StatusCode::OK
+                }),
+            );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        OtlpReceiver { addr, shared, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_rejecting(&self, reject: bool) {
+        self.shared.reject.store(reject, Ordering::SeqCst);
+    }
+
+    pub fn metrics(&self) -> Vec<ExportMetricsServiceRequest> {
+        self.shared.lock().metrics.clone()
+    }
+
+    pub fn traces(&self) -> Vec<ExportTraceServiceRequest> {
+        self.shared.lock().traces.clone()
+    }
+
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.shared.lock().arrivals.clone()
+    }
+
+    /// Waits (bounded) until `check` holds for what was received.
+    pub async fn wait_for(&self, what: &str, limit: Duration, check: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !check(self) {
+            assert!(tokio::time::Instant::now() < deadline, "OTLP receiver: timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! OTLP push: metrics over gRPC and HTTP/protobuf into in-process receivers, names that
+//! survive the OTLP → Prometheus translation, and spans for slow or failed probes only.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::agent::{get, start, wait_round};
+use common::otlp::OtlpReceiver;
+use common::targets::{refused_addr, Target};
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{metric, AggregationTemporality, Metric};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn any_addr() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+fn string_attrs(attrs: &[KeyValue]) -> BTreeMap<String, String> {
+    attrs
+        .iter()
+        .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some((kv.key.clone(), s.clone())),
+            any_value::Value::IntValue(i) => Some((kv.key.clone(), i.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every metric of every export received so far, latest last.
+fn metrics(receiver: &OtlpReceiver) -> Vec<Metric> {
+    receiver
+        .metrics()
+        .into_iter()
+        .flat_map(|r| r.resource_metrics)
+        .flat_map(|rm| rm.scope_metrics)
+        .flat_map(|sm| sm.metrics)
+        .collect()
+}
+
+fn has_metric(receiver: &OtlpReceiver, name: &str) -> bool {
+    metrics(receiver).iter().any(|m| m.name == name)
+}
+
+/// The Prometheus name the standard OTLP → Prometheus translation gives a metric
+/// (OpenTelemetry's Prometheus compatibility specification, as collectors implement it).
+fn prometheus_name(m: &Metric) -> String {
+    let mut name: String =
+        m.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == ':' { c } else { '_' }).collect();
+    let unit = if m.unit.starts_with('{') { "" } else { m.unit.as_str() };
+    let suffix = match unit {
+        "s" => Some("seconds"),
+        "ms" => Some("milliseconds"),
+        "By" => Some("bytes"),
+        "1" if matches!(m.data, Some(metric::Data::Gauge(_))) => Some("ratio"),
+        "" | "1" => None,
+        other => panic!("unit {other:?} has no rule in this test"),
+    };
+    if let Some(suffix) = suffix {
+        if !name.ends_with(suffix) {
+            name = format!("{name}_{suffix}");
+        }
+    }
+    if let Some(metric::Data::Sum(sum)) = &m.data {
+        if sum.is_monotonic && !name.ends_with("_total") {
+            name.push_str("_total");
+        }
+    }
+    name
+}
+
+/// Series families of a push: Prometheus name → the label sets of its points, and the
+/// histogram bounds.
+fn families(ms: &[Metric]) -> BTreeMap<String, (BTreeSet<Vec<String>>, Vec<f64>)> {
+    let mut out: BTreeMap<String, (BTreeSet<Vec<String>>, Vec<f64>)> = BTreeMap::new();
+    for m in ms {
+        let entry = out.entry(prometheus_name(m)).or_default();
+        let mut keys = |attrs: &[KeyValue]| {
+            let mut k: Vec<String> = attrs.iter().map(|a| a.key.clone()).collect();
+            k.sort();
+            entry.0.insert(k);
+        };
+        match m.data.as_ref().expect("data") {
+            metric::Data::Histogram(h) => {
+                for p in &h.data_points {
+                    keys(&p.attributes);
+                    entry.1 = p.explicit_bounds.clone();
+                }
+            }
+            metric::Data::Sum(s) => s.data_points.iter().for_each(|p| keys(&p.attributes)),
+            metric::Data::Gauge(g) => g.data_points.iter().for_each(|p| keys(&p.attributes)),
+            other => panic!("unexpected data {other:?}"),
+        }
+    }
+    out
+}
+
+/// The same view of a `/metrics` scrape.
+fn scraped_families(text: &str) -> BTreeMap<String, (BTreeSet<Vec<String>>, Vec<f64>)> {
+    let mut types = BTreeMap::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let mut parts = line.split(' ');
+        types.insert(parts.next().unwrap_or_default().to_owned(), parts.next().unwrap_or_default().to_owned());
+    }
+    let mut out: BTreeMap<String, (BTreeSet<Vec<String>>, Vec<f64>)> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, _) = line.rsplit_once(' ').expect("value");
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|t| t == "histogram")))
+            .unwrap_or(name)
+            .to_owned();
+        let mut keys = Vec::new();
+        let mut le = None;
+        for pair in labels.trim_end_matches('}').split("\",").filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').expect("label");
+            if k == "le" {
+                le = Some(v.trim_matches('"').to_owned());
+            } else {
+                keys.push(k.to_owned());
+            }
+        }
+        keys.sort();
+        let entry = out.entry(family).or_default();
+        entry.0.insert(keys);
+        if let Some(le) = le.filter(|l| l != "+Inf") {
+            let bound: f64 = le.parse().expect("le");
+            if !entry.1.contains(&bound) {
+                entry.1.push(bound);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn grpc_push_carries_names_units_labels_buckets_and_resource() {
+    let receiver = OtlpReceiver::grpc(any_addr()).await;
+    let target = Target::http("127.0.0.1").await;
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=200ms".into(),
+        "--pod-name=kubenurse-abc12".into(),
+        "--node-name=node-7".into(),
+        "--namespace=kube-system".into(),
+        format!("--extra-checks=ok:{}|bad:{}", target.url("/ok"), target.url("/status/500")),
+        format!("--otlp-endpoint={}", receiver.endpoint()),
+        "--otlp-protocol=grpc".into(),
+        "--otlp-compression=gzip".into(),
+        "--otlp-headers=authorization=Bearer%20s3cret,x-scope-orgid=platform".into(),
+        "--otlp-metric-export-interval=300".into(),
+        "--otel-resource-attributes=k8s.cluster.name=prod-eu,deployment.environment=prod".into(),
+    ])
+    .await;
+    receiver
+        .wait_for("pushed error counts", WAIT, |r| {
+            has_metric(r, "kubenurse_errors") && has_metric(r, "kubenurse_httpclient_requests")
+        })
+        .await;
+
+    // Resource: the agent's identity plus OTEL_RESOURCE_ATTRIBUTES.
+    let request = receiver.metrics().pop().expect("a request");
+    let resource = string_attrs(&request.resource_metrics[0].resource.as_ref().expect("resource").attributes);
+    for (k, v) in [
+        ("service.name", "kubenurse"),
+        ("service.version", env!("CARGO_PKG_VERSION")),
+        ("service.instance.id", "kubenurse-abc12"),
+        ("k8s.pod.name", "kubenurse-abc12"),
+        ("k8s.node.name", "node-7"),
+        ("k8s.namespace.name", "kube-system"),
+        ("k8s.cluster.name", "prod-eu"),
+        ("deployment.environment", "prod"),
+    ] {
+        assert_eq!(resource.get(k).map(String::as_str), Some(v), "resource {k}: {resource:?}");
+    }
+    // Transport: gzip and the configured headers on every export.
+    let arrivals = receiver.arrivals();
+    assert!(arrivals.iter().all(|a| a.compressed), "not gzip-compressed");
+    assert!(arrivals.iter().all(|a| a.headers.get("authorization").map(String::as_str) == Some("Bearer s3cret")));
+    assert!(arrivals.iter().all(|a| a.headers.get("x-scope-orgid").map(String::as_str) == Some("platform")));
+
+    // Instruments: units, kinds, temporality, bounds, attributes.
+    let ms = metrics(&receiver);
+    let find = |name: &str| ms.iter().rev().find(|m| m.name == name).unwrap_or_else(|| panic!("{name} pushed"));
+    let duration = find("kubenurse_httpclient_request_duration");
+    assert_eq!(duration.unit, "s");
+    let Some(metric::Data::Histogram(h)) = &duration.data else { panic!("histogram") };
+    assert_eq!(h.aggregation_temporality, AggregationTemporality::Cumulative as i32);
+    assert_eq!(h.data_points[0].explicit_bounds, [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+    let errors = find("kubenurse_errors");
+    let Some(metric::Data::Sum(sum)) = &errors.data else { panic!("sum") };
+    assert!(sum.is_monotonic);
+    let points: Vec<BTreeMap<String, String>> = sum.data_points.iter().map(|p| string_attrs(&p.attributes)).collect();
+    assert!(
+        points.contains(&BTreeMap::from([("type".into(), "bad".into()), ("event".into(), "status_code_500".into())]))
+    );
+    let Some(metric::Data::Gauge(_)) = &find("kubenurse_neighbourhood_incoming_checks").data else { panic!("gauge") };
+
+    // After the standard translation, the push has exactly the names, labels and bounds of /metrics.
+    wait_round(&agent, 2).await;
+    let (_, text) = get(agent.local_addr, "/metrics").await;
+    let latest = receiver.metrics().pop().expect("latest");
+    let latest: Vec<Metric> =
+        latest.resource_metrics.into_iter().flat_map(|r| r.scope_metrics).flat_map(|s| s.metrics).collect();
+    assert_eq!(families(&latest), scraped_families(&text));
+    for name in [
+        "kubenurse_httpclient_request_duration_seconds",
+        "kubenurse_httpclient_trace_request_duration_seconds",
+        "kubenurse_httpclient_requests_total",
+        "kubenurse_errors_total",
+        "kubenurse_neighbourhood_incoming_checks",
+    ] {
+        assert!(families(&latest).contains_key(name), "{name} after translation");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn http_push_with_delta_temporality() {
+    let receiver = OtlpReceiver::http(any_addr()).await;
+    let target = Target::http("127.0.0.1").await;
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=200ms".into(),
+        format!("--extra-checks=ok:{}", target.url("/ok")),
+        format!("--otlp-endpoint={}", receiver.endpoint()),
+        "--otlp-protocol=http/protobuf".into(),
+        "--otlp-compression=gzip".into(),
+        "--otlp-metrics-headers=x-tenant=sre".into(),
+        "--otlp-metric-export-interval=300".into(),
+        "--otlp-temporality=delta".into(),
+        "--otel-service-name=nurse-eu".into(),
+    ])
+    .await;
+    receiver.wait_for("pushed requests", WAIT, |r| has_metric(r, "kubenurse_httpclient_requests")).await;
+    let arrival = receiver.arrivals().pop().expect("arrival");
+    assert!(arrival.compressed);
+    assert_eq!(arrival.headers.get("x-tenant").map(String::as_str), Some("sre"));
+    assert_eq!(arrival.headers.get("content-type").map(String::as_str), Some("application/x-protobuf"));
+    let ms = metrics(&receiver);
+    let requests = ms.iter().find(|m| m.name == "kubenurse_httpclient_requests").expect("requests");
+    let Some(metric::Data::Sum(sum)) = &requests.data else { panic!("sum") };
+    assert_eq!(sum.aggregation_temporality, AggregationTemporality::Delta as i32);
+    let request = receiver.metrics().pop().expect("request");
+    let resource = string_attrs(&request.resource_metrics[0].resource.as_ref().expect("resource").attributes);
+    assert_eq!(resource["service.name"], "nurse-eu", "OTEL_SERVICE_NAME wins");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn exponential_histograms_go_to_otlp_while_metrics_keep_buckets() {
+    let receiver = OtlpReceiver::grpc(any_addr()).await;
+    let target = Target::http("127.0.0.1").await;
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=200ms".into(),
+        format!("--extra-checks=ok:{}", target.url("/ok")),
+        format!("--otlp-endpoint={}", receiver.endpoint()),
+        "--otlp-protocol=grpc".into(),
+        "--otlp-metric-export-interval=300".into(),
+        "--otlp-histogram=exponential".into(),
+    ])
+    .await;
+    receiver.wait_for("a pushed duration", WAIT, |r| has_metric(r, "kubenurse_httpclient_request_duration")).await;
+    let ms = metrics(&receiver);
+    let duration = ms.iter().find(|m| m.name == "kubenurse_httpclient_request_duration").expect("duration");
+    assert!(matches!(duration.data, Some(metric::Data::ExponentialHistogram(_))), "{:?}", duration.data);
+    let (_, text) = get(agent.local_addr, "/metrics").await;
+    assert!(text.contains("kubenurse_httpclient_request_duration_seconds_bucket{type=\"ok\",le=\"0.005\"}"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn slow_and_failed_probes_become_spans_and_fast_ones_do_not() {
+    let receiver = OtlpReceiver::http(any_addr()).await;
+    let target = Target::http("127.0.0.1").await;
+    let refused = refused_addr("127.0.0.1").await;
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=300ms".into(),
+        "--slow-threshold=150ms".into(),
+        format!(
+            "--extra-checks=fast:{}|slow:http://localhost:{}/delay/400|refused:http://{refused}/ok",
+            target.url("/ok"),
+            target.addr.port()
+        ),
+        format!("--otlp-endpoint={}", receiver.endpoint()),
+        "--otel-metrics-exporter=none".into(),
+    ])
+    .await;
+    let span_names = |r: &OtlpReceiver| -> Vec<String> {
+        r.traces()
+            .iter()
+            .flat_map(|t| &t.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    receiver
+        .wait_for("slow and refused spans", WAIT, |r| {
+            let names = span_names(r);
+            names.contains(&"probe slow".to_owned()) && names.contains(&"probe refused".to_owned())
+        })
+        .await;
+    wait_round(&agent, 3).await;
+    assert!(!span_names(&receiver).contains(&"probe fast".to_owned()), "a fast healthy probe made a span");
+    assert!(receiver.metrics().is_empty(), "OTEL_METRICS_EXPORTER=none");
+
+    let traces = receiver.traces();
+    let resource = string_attrs(&traces[0].resource_spans[0].resource.as_ref().expect("resource").attributes);
+    assert_eq!(resource["service.name"], "kubenurse");
+    let spans: Vec<_> =
+        traces.iter().flat_map(|t| &t.resource_spans).flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans).collect();
+
+    let slow = spans.iter().find(|s| s.name == "probe slow").expect("slow span");
+    let attrs = string_attrs(&slow.attributes);
+    assert_eq!(attrs["kubenurse.probe.type"], "slow");
+    assert_eq!(attrs["server.address"], "localhost");
+    assert_eq!(attrs["http.response.status_code"], "200");
+    let events: Vec<&str> = slow.events.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        events,
+        ["dns_start", "dns_done", "connect_start", "connect_done", "got_conn", "wrote_request", "got_first_resp_byte"]
+    );
+    // The span runs on the probe's own instants: events inside it, the wait for the first byte ≥ 400 ms.
+    assert!(slow
+        .events
+        .iter()
+        .all(|e| e.time_unix_nano >= slow.start_time_unix_nano && e.time_unix_nano <= slow.end_time_unix_nano));
+    let first_byte = slow.events.last().expect("event").time_unix_nano;
+    let wrote = slow.events[slow.events.len() - 2].time_unix_nano;
+    assert!(first_byte - wrote >= 400_000_000, "server delay shows between wrote_request and the first byte");
+
+    let refused = spans.iter().find(|s| s.name == "probe refused").expect("refused span");
+    let attrs = string_attrs(&refused.attributes);
+    assert_eq!(attrs["kubenurse.failed_phase"], "connect_done");
+    let status = refused.status.as_ref().expect("status");
+    assert_eq!(status.code, 2, "error status");
+    assert!(status.message.contains("connect"), "{}", status.message);
+    let events: Vec<&str> = refused.events.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(events, ["connect_start"]);
+    agent.stop().await;
+}
