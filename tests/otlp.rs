@@ -345,3 +345,35 @@ async fn slow_and_failed_probes_become_spans_and_fast_ones_do_not() {
     assert_eq!(events, ["connect_start"]);
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejecting_or_slow_collector_does_not_touch_probing_and_export_resumes() {
+    let receiver = OtlpReceiver::http(any_addr()).await;
+    let target = Target::http("127.0.0.1").await;
+    receiver.set_rejecting(true);
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=100ms".into(),
+        format!("--extra-checks=ok:{}", target.url("/ok")),
+        format!("--otlp-endpoint={}", receiver.endpoint()),
+        "--otlp-metric-export-interval=100".into(),
+        "--otlp-timeout=200".into(),
+    ])
+    .await;
+    wait_round(&agent, 10).await;
+    assert!(receiver.metrics().is_empty(), "the receiver rejected everything");
+    assert_eq!(get(agent.local_addr, "/metrics").await.0, 200);
+
+    // Slow: every export outlives its 200 ms deadline, rounds go on.
+    receiver.set_rejecting(false);
+    receiver.set_delay(Duration::from_secs(2));
+    let round = agent.reports().borrow().as_ref().map_or(0, |r| r.number);
+    wait_round(&agent, round + 10).await;
+    let report = agent.reports().borrow().clone().expect("report");
+    assert!(report.lateness < Duration::from_secs(1), "rounds wait for the collector: {:?}", report.lateness);
+    assert!(report.results.iter().all(|r| r.is_ok()));
+
+    receiver.set_delay(Duration::ZERO);
+    receiver.wait_for("export resumes", WAIT, |r| has_metric(r, "kubenurse_httpclient_requests")).await;
+    agent.stop().await;
+}

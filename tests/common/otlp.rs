@@ -37,6 +37,8 @@ struct Recorded {
 struct Shared {
     recorded: Arc<Mutex<Recorded>>,
     reject: Arc<AtomicBool>,
+    /// Milliseconds the HTTP receiver waits before answering.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -135,6 +137,8 @@ impl OtlpReceiver {
             .route(
                 "/v1/metrics",
                 post(move |headers: HeaderMap, body: Bytes| async move {
+                    let delay = metrics.delay_ms.load(Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
                     if metrics.reject.load(Ordering::SeqCst) {
                         return StatusCode::SERVICE_UNAVAILABLE;
                     }
@@ -186,6 +190,11 @@ impl OtlpReceiver {
 
     pub fn set_rejecting(&self, reject: bool) {
         self.shared.reject.store(reject, Ordering::SeqCst);
+    }
+
+    /// Makes the HTTP receiver answer metric exports only after `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn metrics(&self) -> Vec<ExportMetricsServiceRequest> {
