@@ -94,7 +94,10 @@ async fn a_collector_down_at_start_costs_few_log_lines_and_no_memory_then_receiv
     let rss_early = rss_kib(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_late = rss_kib(pid);
-    assert!(rss_late < rss_early + 4 * 1024, "RSS grew from {rss_early} KiB to {rss_late} KiB while the collector was down");
+    assert!(
+        rss_late < rss_early + 4 * 1024,
+        "RSS grew from {rss_early} KiB to {rss_late} KiB while the collector was down"
+    );
 
     let receiver = OtlpReceiver::http(format!("127.0.0.1:{collector_port}").parse().expect("addr")).await;
     receiver.wait_for("data once the collector is up", Duration::from_secs(20), |r| !r.metrics().is_empty()).await;
