@@ -156,3 +156,47 @@ impl TestCa {
         rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).expect("server config")
     }
 }
+
+/// A peer that accepts connections and never answers (connections are held until drop).
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl BlackHole {
+    pub async fn start(ip: &str) -> BlackHole {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        BlackHole { addr, task }
+    }
+}
+
+/// A peer that reads the request, sends half a status line and resets the connection.
+pub async fn resetting_peer(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 O").await;
+            #[allow(deprecated)] // linger 0 closes at once with a reset, which is the point here
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }
+    });
+    (addr, task)
+}
