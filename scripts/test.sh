@@ -15,4 +15,5 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
 fi
 
+./scripts/validate-deploy.sh   # deploy/, otel-collector/, dashboard, Dockerfile (no cluster needed)
 cargo test --all-targets --locked "$@"
