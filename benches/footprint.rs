@@ -12,7 +12,7 @@ use support::*;
 
 fn main() {
     let full = full_run();
-    let (runs, interval_ms, measured_rounds) = if full { (3, 1000, 60.0) } else { (1, 50, 6.0) };
+    let (runs, interval_ms, measured_rounds) = if full { (3, 1000, 60.0) } else { (1, 50, 16.0) };
     let port = free_port("127.0.0.2");
     let neighbours = demo_neighbours(10, port);
     for i in 2..12u8 {
