@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::{get, get_with, metric, probed_nodes, start, wait_report, wait_round};
 use common::fake_apiserver::{node, pod, FakeApiServer, Fault};
+use common::process::{free_port, rss_kib};
 use common::targets::{refused_addr, resetting_peer, BlackHole, Target, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -198,10 +199,7 @@ async fn slow_loris_and_idle_connections_do_not_stop_serving_or_probing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_round_still_exits_cleanly() {
     let slow = Target::http("127.0.0.1").await;
-    let listen = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("a").port()
-    );
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kubenurse"))
         .env_clear()
         .envs([
@@ -235,10 +233,7 @@ async fn sigterm_during_a_round_still_exits_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_made_up_origins_keeps_memory_bounded() {
-    let listen = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("a").port()
-    );
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let addr: std::net::SocketAddr = listen.parse().expect("addr");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kubenurse"))
         .env_clear()
@@ -253,14 +248,7 @@ async fn a_flood_of_made_up_origins_keeps_memory_bounded() {
         assert!(Instant::now() < deadline, "agent did not listen");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rss = || {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .expect("rss")
-    };
+    let rss = || rss_kib(pid);
     // 100,000 distinct origins over 8 keep-alive connections (two halves), bounded in count and time.
     let send = |from: usize, count: usize| async move {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");

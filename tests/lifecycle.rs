@@ -6,11 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::agent::get;
-
-/// A free port on 127.0.0.1 (bound and released; the agent binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
+use common::process::free_port;
 
 fn agent(envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubenurse"));
@@ -56,7 +52,7 @@ async fn ready_status(addr: std::net::SocketAddr) -> Option<u16> {
 
 #[tokio::test]
 async fn sigterm_turns_unready_keeps_serving_then_exits_zero() {
-    let port = free_port();
+    let port = free_port("127.0.0.1");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let listen = addr.to_string();
     let mut child = agent(&[
@@ -90,7 +86,7 @@ async fn sigterm_turns_unready_keeps_serving_then_exits_zero() {
 
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
-    let port = free_port();
+    let port = free_port("127.0.0.1");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let listen = addr.to_string();
     let mut child =

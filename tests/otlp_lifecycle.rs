@@ -9,24 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::otlp::OtlpReceiver;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
+use common::process::{free_port, rss_kib};
 
 #[tokio::test]
 async fn sigterm_flushes_the_last_interval_before_exit() {
     let receiver = OtlpReceiver::grpc("127.0.0.1:0".parse().expect("addr")).await;
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     // A one-hour export interval: only the shutdown flush can deliver anything.
     let mut child = Command::new(env!("CARGO_BIN_EXE_kubenurse"))
         .env_clear()
@@ -70,8 +58,8 @@ async fn sigterm_flushes_the_last_interval_before_exit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_down_at_start_costs_few_log_lines_and_no_memory_then_receives() {
-    let collector_port = free_port();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let collector_port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_kubenurse"))
         .env_clear()
         .envs([

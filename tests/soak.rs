@@ -8,17 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::agent::{get, metric};
 use common::fake_apiserver::{node, pod, FakeApiServer};
+use common::process::{free_port, open_fds, rss_kib};
 use common::targets::Target;
 
 fn proc_stats(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir").count();
-    (rss, fds)
+    (rss_kib(pid), open_fds(pid))
 }
 
 fn series(text: &str) -> usize {
@@ -48,10 +42,7 @@ async fn ten_thousand_rounds_with_churn_keep_memory_fds_and_series_flat() {
             "Running",
         ));
     }
-    let listen = format!(
-        "127.0.0.50:{}",
-        std::net::TcpListener::bind("127.0.0.50:0").expect("bind").local_addr().expect("a").port()
-    );
+    let listen = format!("127.0.0.50:{}", free_port("127.0.0.50"));
     let addr: SocketAddr = listen.parse().expect("addr");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kubenurse"))
         .env_clear()

@@ -2,6 +2,11 @@
 //! what it costs the machine. Everything runs on loopback.
 #![allow(dead_code)]
 
+#[path = "../../tests/common/process.rs"]
+mod process;
+#[allow(unused_imports)] // each benchmark uses a different subset
+pub use process::{cpu_time, free_port, rss_kib};
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,10 +15,6 @@ use std::time::{Duration, Instant};
 /// a short smoke version so its code is exercised without taking minutes.
 pub fn full_run() -> bool {
     std::env::args().any(|a| a == "--bench")
-}
-
-pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).expect("bind").local_addr().expect("addr").port()
 }
 
 /// Starts the agent binary with `envs` (nothing else from the environment).
@@ -80,26 +81,6 @@ pub fn wait_ok(addr: SocketAddr, path: &str, limit: Duration) -> Duration {
         std::thread::sleep(Duration::from_millis(20));
     }
     start.elapsed()
-}
-
-/// Resident set size in KiB.
-pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
-
-/// User + system CPU time of a process.
-pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after_name = stat.rsplit_once(')').expect("comm").1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the name.
-    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    Duration::from_millis(ticks * 10) // CLK_TCK is 100 on Linux
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

@@ -27,6 +27,39 @@ pub enum TelemetryError {
     Header(String),
 }
 
+/// Builds an OTLP exporter (metric or span builder) for `export`'s protocol, endpoint,
+/// deadline, headers and compression.
+macro_rules! build_exporter {
+    ($builder:expr, $export:expr) => {{
+        let export: &SignalExport = $export;
+        let gzip = export.compression == Compression::Gzip;
+        match export.protocol {
+            Protocol::Grpc => {
+                let b = $builder.with_tonic().with_endpoint(&export.endpoint).with_timeout(export.timeout);
+                let b = b.with_metadata(metadata(export)?);
+                if gzip {
+                    b.with_compression(opentelemetry_otlp::Compression::Gzip).build()
+                } else {
+                    b.build()
+                }
+            }
+            Protocol::HttpProtobuf => {
+                let b = $builder
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(&export.endpoint)
+                    .with_timeout(export.timeout)
+                    .with_headers(headers(export));
+                if gzip {
+                    b.with_compression(opentelemetry_otlp::Compression::Gzip).build()
+                } else {
+                    b.build()
+                }
+            }
+        }
+    }};
+}
+
 /// The metric push reader, when metrics are pushed. Must run inside the Tokio runtime (gRPC).
 pub fn metric_reader(config: &OtelConfig) -> Result<Option<PushReader>, TelemetryError> {
     let Some(export) = config.signal(Signal::Metrics) else { return Ok(None) };
@@ -35,29 +68,7 @@ pub fn metric_reader(config: &OtelConfig) -> Result<Option<PushReader>, Telemetr
         TemporalityPreference::Delta => Temporality::Delta,
         TemporalityPreference::LowMemory => Temporality::LowMemory,
     };
-    let builder = MetricExporter::builder().with_temporality(temporality);
-    let built = match export.protocol {
-        Protocol::Grpc => {
-            let b = builder.with_tonic().with_endpoint(&export.endpoint).with_timeout(export.timeout);
-            let b = b.with_metadata(metadata(&export)?);
-            match export.compression {
-                Compression::Gzip => b.with_compression(opentelemetry_otlp::Compression::Gzip).build(),
-                Compression::None => b.build(),
-            }
-        }
-        Protocol::HttpProtobuf => {
-            let b = builder
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(&export.endpoint)
-                .with_timeout(export.timeout)
-                .with_headers(headers(&export));
-            match export.compression {
-                Compression::Gzip => b.with_compression(opentelemetry_otlp::Compression::Gzip).build(),
-                Compression::None => b.build(),
-            }
-        }
-    };
+    let built = build_exporter!(MetricExporter::builder().with_temporality(temporality), &export);
     let exporter = built.map_err(|source| TelemetryError::Build {
         signal: "metrics",
         endpoint: export.endpoint.clone(),
@@ -71,29 +82,7 @@ pub fn metric_reader(config: &OtelConfig) -> Result<Option<PushReader>, Telemetr
 /// The tracer provider for slow-probe spans, when traces are exported.
 pub fn tracer_provider(config: &OtelConfig, resource: Resource) -> Result<Option<SdkTracerProvider>, TelemetryError> {
     let Some(export) = config.signal(Signal::Traces) else { return Ok(None) };
-    let builder = SpanExporter::builder();
-    let built = match export.protocol {
-        Protocol::Grpc => {
-            let b = builder.with_tonic().with_endpoint(&export.endpoint).with_timeout(export.timeout);
-            let b = b.with_metadata(metadata(&export)?);
-            match export.compression {
-                Compression::Gzip => b.with_compression(opentelemetry_otlp::Compression::Gzip).build(),
-                Compression::None => b.build(),
-            }
-        }
-        Protocol::HttpProtobuf => {
-            let b = builder
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(&export.endpoint)
-                .with_timeout(export.timeout)
-                .with_headers(headers(&export));
-            match export.compression {
-                Compression::Gzip => b.with_compression(opentelemetry_otlp::Compression::Gzip).build(),
-                Compression::None => b.build(),
-            }
-        }
-    };
+    let built = build_exporter!(SpanExporter::builder(), &export);
     let exporter = built.map_err(|source| TelemetryError::Build {
         signal: "traces",
         endpoint: export.endpoint.clone(),
