@@ -16,4 +16,8 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 
 ./scripts/validate-deploy.sh   # deploy/, otel-collector/, dashboard, Dockerfile (no cluster needed)
-cargo test --all-targets --locked "$@"
+# Benchmarks run last, as smoke tests; the totals of every test binary close the run.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --all-targets --locked "$@" 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "rust tests: %d passed, %d failed\n", p, f }' "$log"
