@@ -44,14 +44,11 @@ async fn cluster(extra_args: &[&str]) -> Cluster {
         "--listen-addr=127.0.0.10:0".into(),
         "--check-interval=200ms".into(),
         "--check-timeout=2s".into(),
-        "--kubernetes-service-host=127.0.0.1".into(),
-        format!("--kubernetes-service-port={}", api.port()),
-        "--kubernetes-service-dns=localhost".into(),
-        format!("--service-account-dir={}", dir.path().display()),
         "--neighbour-filter=app=kubenurse".into(),
         "--pod-name=kubenurse-self".into(),
         format!("--neighbour-port={port}"),
     ];
+    args.extend(api.agent_args(dir.path()));
     args.extend(extra_args.iter().map(|a| a.to_string()));
     let agent = start(&args).await;
     Cluster { api, _dir: dir, _targets: targets, agent }
@@ -170,17 +167,20 @@ async fn missing_rbac_is_reported_in_words_and_nothing_is_probed() {
     let dir = tempfile::tempdir().expect("tempdir");
     api.write_service_account_dir(dir.path());
     api.set_fault(Fault::Forbidden);
-    let agent = start(&[
-        "--listen-addr=127.0.0.10:0".into(),
-        "--check-interval=200ms".into(),
-        "--check-api-server-direct=false".into(),
-        "--check-api-server-dns=false".into(),
-        "--allow-unschedulable=true".into(),
-        "--kubernetes-service-host=127.0.0.1".into(),
-        format!("--kubernetes-service-port={}", api.port()),
-        format!("--service-account-dir={}", dir.path().display()),
-        "--pod-name=kubenurse-self".into(),
-    ])
+    let agent = start(
+        &[
+            api.agent_args(dir.path()),
+            vec![
+                "--listen-addr=127.0.0.10:0".into(),
+                "--check-interval=200ms".into(),
+                "--check-api-server-direct=false".into(),
+                "--check-api-server-dns=false".into(),
+                "--allow-unschedulable=true".into(),
+                "--pod-name=kubenurse-self".into(),
+            ],
+        ]
+        .concat(),
+    )
     .await;
     let report = wait_report(&agent, "the 403 is reported", |r| r.neighbourhood.state.contains("forbidden")).await;
     assert!(report.neighbourhood.state.contains("RBAC permission to list and watch pods in namespace kubenurse"));

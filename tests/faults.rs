@@ -71,18 +71,20 @@ async fn an_apiserver_down_at_start_is_survived_and_discovery_follows_once_it_is
     api.upsert_node(node("node-a"));
     api.upsert_pod(pod("kubenurse-self", "kubenurse", &[("app", "kubenurse")], "node-self", "127.0.0.40", "Running"));
     api.upsert_pod(pod("kubenurse-a", "kubenurse", &[("app", "kubenurse")], "node-a", "127.0.0.41", "Running"));
-    let agent = start(&[
-        "--listen-addr=127.0.0.40:0".into(),
-        "--check-interval=200ms".into(),
-        "--kubernetes-service-host=127.0.0.1".into(),
-        format!("--kubernetes-service-port={}", api.port()),
-        "--kubernetes-service-dns=localhost".into(),
-        format!("--service-account-dir={}", dir.path().display()),
-        "--neighbour-filter=app=kubenurse".into(),
-        "--pod-name=kubenurse-self".into(),
-        format!("--neighbour-port={}", neighbour.addr.port()),
-        format!("--extra-checks=extra:{}", extra.url("/ok")),
-    ])
+    let agent = start(
+        &[
+            api.agent_args(dir.path()),
+            vec![
+                "--listen-addr=127.0.0.40:0".into(),
+                "--check-interval=200ms".into(),
+                "--neighbour-filter=app=kubenurse".into(),
+                "--pod-name=kubenurse-self".into(),
+                format!("--neighbour-port={}", neighbour.addr.port()),
+                format!("--extra-checks=extra:{}", extra.url("/ok")),
+            ],
+        ]
+        .concat(),
+    )
     .await;
     // It starts, probes what it can, and says why the neighbourhood is empty.
     let report = wait_report(&agent, "a round without the apiserver", |r| r.number >= 2).await;
@@ -108,19 +110,22 @@ async fn five_thousand_pods_and_nodes_are_listed_in_pages_and_ten_are_probed() {
         let ip = format!("127.1.{}.{}", i / 250, i % 250 + 1);
         api.upsert_pod(pod(&format!("kubenurse-{i:04}"), "kubenurse", &[("app", "kubenurse")], &name, &ip, "Running"));
     }
-    let agent = start(&[
-        "--listen-addr=127.0.0.1:0".into(),
-        "--check-interval=1h".into(),
-        "--check-timeout=1s".into(),
-        "--check-api-server-direct=false".into(),
-        "--check-api-server-dns=false".into(),
-        "--kubernetes-service-host=127.0.0.1".into(),
-        format!("--kubernetes-service-port={}", api.port()),
-        format!("--service-account-dir={}", dir.path().display()),
-        "--neighbour-filter=app=kubenurse".into(),
-        "--pod-name=kubenurse-0000".into(),
-        "--neighbour-port=9".into(),
-    ])
+    let agent = start(
+        &[
+            api.agent_args(dir.path()),
+            vec![
+                "--listen-addr=127.0.0.1:0".into(),
+                "--check-interval=1h".into(),
+                "--check-timeout=1s".into(),
+                "--check-api-server-direct=false".into(),
+                "--check-api-server-dns=false".into(),
+                "--neighbour-filter=app=kubenurse".into(),
+                "--pod-name=kubenurse-0000".into(),
+                "--neighbour-port=9".into(),
+            ],
+        ]
+        .concat(),
+    )
     .await;
     let report = wait_report(&agent, "the first round", |r| r.number >= 1).await;
     assert_eq!(report.neighbourhood.neighbours.len(), 4999);

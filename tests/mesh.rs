@@ -26,18 +26,20 @@ async fn agents_probe_each_other_and_notice_a_dead_peer() {
     let mut agents: Vec<Agent> = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
         agents.push(
-            start(&[
-                format!("--listen-addr={ip}:{port}"),
-                "--check-interval=250ms".into(),
-                "--check-timeout=2s".into(),
-                "--kubernetes-service-host=127.0.0.1".into(),
-                format!("--kubernetes-service-port={}", api.port()),
-                "--kubernetes-service-dns=localhost".into(),
-                format!("--service-account-dir={}", dir.path().display()),
-                "--neighbour-filter=app.kubernetes.io/name=kubenurse".into(),
-                format!("--pod-name=kubenurse-{i}"),
-                format!("--neighbour-port={port}"),
-            ])
+            start(
+                &[
+                    api.agent_args(dir.path()),
+                    vec![
+                        format!("--listen-addr={ip}:{port}"),
+                        "--check-interval=250ms".into(),
+                        "--check-timeout=2s".into(),
+                        "--neighbour-filter=app.kubernetes.io/name=kubenurse".into(),
+                        format!("--pod-name=kubenurse-{i}"),
+                        format!("--neighbour-port={port}"),
+                    ],
+                ]
+                .concat(),
+            )
             .await,
         );
     }

@@ -206,6 +206,18 @@ impl FakeApiServer {
     pub fn kube_client(&self) -> kube::Client {
         kube::Client::try_from(self.kube_config()).expect("kube client")
     }
+    /// The agent flags of an in-cluster agent talking to this apiserver, with the service
+    /// account in `sa_dir` (see [`Self::write_service_account_dir`]); the apiserver's DNS name
+    /// is `localhost`, so no resolver is asked.
+    pub fn agent_args(&self, sa_dir: &Path) -> Vec<String> {
+        vec![
+            "--kubernetes-service-host=127.0.0.1".into(),
+            format!("--kubernetes-service-port={}", self.port()),
+            "--kubernetes-service-dns=localhost".into(),
+            format!("--service-account-dir={}", sa_dir.display()),
+        ]
+    }
+
     /// Writes `token`, `ca.crt` and `namespace` like /var/run/secrets/kubernetes.io/serviceaccount.
     pub fn write_service_account_dir(&self, dir: &Path) {
         std::fs::create_dir_all(dir).expect("create sa dir");
