@@ -16,7 +16,7 @@ const LABELS: &[(&str, &str)] = &[("app", "kubenurse")];
 struct Cluster {
     api: FakeApiServer,
     _dir: tempfile::TempDir,
-    _targets: Vec<Target>,
+    targets: Vec<Target>,
     agent: Agent,
 }
 
@@ -51,7 +51,7 @@ async fn cluster(extra_args: &[&str]) -> Cluster {
     args.extend(api.agent_args(dir.path()));
     args.extend(extra_args.iter().map(|a| a.to_string()));
     let agent = start(&args).await;
-    Cluster { api, _dir: dir, _targets: targets, agent }
+    Cluster { api, _dir: dir, targets, agent }
 }
 
 #[tokio::test]
@@ -64,6 +64,10 @@ async fn neighbours_follow_pods_and_nodes() {
     assert_eq!(res["api_server_dns"], "ok", "{res:?}");
     assert!(res.values().all(|v| v == "ok"), "{res:?}");
     assert_eq!(report.neighbourhood.state, "ok");
+
+    // The token goes to the apiserver probes only: neighbours never see it.
+    assert!(c.targets.iter().map(|t| t.hits.load(std::sync::atomic::Ordering::SeqCst)).sum::<usize>() > 0);
+    assert_eq!(c.targets.iter().map(|t| t.with_token.load(std::sync::atomic::Ordering::SeqCst)).sum::<usize>(), 0);
 
     // The pending pod starts running.
     c.api.upsert_pod(pod("kubenurse-c", NS, LABELS, "node-c", "127.0.0.13", "Running"));

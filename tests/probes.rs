@@ -29,6 +29,8 @@ async fn each_failure_is_counted_once_at_its_phase() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca_file = dir.path().join("extra-ca.pem");
     std::fs::write(&ca_file, &trusted_ca.cert_pem).expect("write ca");
+    // A service-account token is present, but only apiserver probes may send it.
+    std::fs::write(dir.path().join("token"), "not-for-you").expect("write token");
 
     let checks = [
         format!("ok:{}", plain.url("/ok")),
@@ -118,6 +120,9 @@ async fn each_failure_is_counted_once_at_its_phase() {
     assert_eq!(results["neighbourhood_state"], "skipped");
     assert!(results["refused"].as_str().is_some_and(|e| e.contains("connect")), "{}", results["refused"]);
     assert!(results["slow"].as_str().is_some_and(|e| e.contains("timed out")), "{}", results["slow"]);
+    assert!(plain.hits.load(std::sync::atomic::Ordering::SeqCst) >= 4);
+    assert_eq!(plain.with_token.load(std::sync::atomic::Ordering::SeqCst), 0, "the token leaked to an extra check");
+    assert_eq!(trusted.with_token.load(std::sync::atomic::Ordering::SeqCst), 0, "the token leaked to an extra check");
     agent.stop().await;
 }
 

@@ -15,7 +15,8 @@ use tokio::net::TcpListener;
 
 /// Paths: `/ok` 200, `/status/{code}` that code, `/delay/{ms}` 200 after that long,
 /// `/slow` 200 after 3 s, `/alwayshappy` 200.
-pub fn routes(hits: Arc<AtomicUsize>) -> Router {
+/// `hits` counts requests; `with_token` those that carried an `Authorization` header.
+pub fn routes(hits: Arc<AtomicUsize>, with_token: Arc<AtomicUsize>) -> Router {
     Router::new()
         .route("/ok", get(|| async { StatusCode::OK }))
         .route("/alwayshappy", get(|| async { StatusCode::OK }))
@@ -41,6 +42,9 @@ pub fn routes(hits: Arc<AtomicUsize>) -> Router {
         )
         .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
             hits.fetch_add(1, Ordering::SeqCst);
+            if req.headers().contains_key(axum::http::header::AUTHORIZATION) {
+                with_token.fetch_add(1, Ordering::SeqCst);
+            }
             next.run(req)
         }))
 }
@@ -49,6 +53,8 @@ pub fn routes(hits: Arc<AtomicUsize>) -> Router {
 pub struct Target {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// Requests that carried an `Authorization` header.
+    pub with_token: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -78,7 +84,8 @@ impl Target {
         let listener = TcpListener::bind((ip, port)).await.expect("bind target");
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
-        let router = routes(hits.clone());
+        let with_token = Arc::new(AtomicUsize::new(0));
+        let router = routes(hits.clone(), with_token.clone());
         let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
         let task = tokio::spawn(async move {
             loop {
@@ -103,7 +110,7 @@ impl Target {
                 });
             }
         });
-        Target { addr, hits, task }
+        Target { addr, hits, with_token, task }
     }
 
     pub fn url(&self, path: &str) -> String {
