@@ -70,6 +70,8 @@ async fn a_collector_down_at_start_costs_few_log_lines_and_no_memory_then_receiv
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://127.0.0.1:{collector_port}")),
             ("OTEL_METRIC_EXPORT_INTERVAL", "100"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+            // Metrics only: a probe slowed by a loaded machine must not add a span export line.
+            ("OTEL_TRACES_EXPORTER", "none"),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
