@@ -30,6 +30,8 @@ import tempfile
 
 import yaml
 
+from deploy_report import failed, kn, operator_meta_problems, report
+
 # The Prometheus names kubenurse exports (README, metrics table).
 HISTOGRAMS = {
     "kubenurse_httpclient_request_duration_seconds",
@@ -44,7 +46,6 @@ SERIES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_s
 RULE_EXTRA = {"up"}
 
 SEVERITIES = {"critical", "warning", "info"}
-FAILED = 0
 
 SERVICEMONITOR_SPEC = {
     "attachMetadata", "bodySizeLimit", "convertClassicHistogramsToNHCB", "endpoints", "fallbackScrapeProtocol",
@@ -64,20 +65,6 @@ RELABEL = {"action", "modulus", "regex", "replacement", "separator", "sourceLabe
 RELABEL_ACTIONS = {"replace", "keep", "drop", "keepequal", "dropequal", "hashmod", "labelmap", "labeldrop",
                    "labelkeep", "lowercase", "uppercase"}
 RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
-
-
-def report(name, problems):
-    global FAILED
-    if problems:
-        FAILED += 1
-        print(f"FAIL {name}: " + "; ".join(problems).replace("\n", "\n    "))
-    else:
-        print(f"ok   {name}")
-
-
-def kn(doc):
-    meta = doc.get("metadata") or {}
-    return f"{doc.get('kind')}/{meta.get('namespace', '')}/{meta.get('name')}"
 
 
 # ---------------------------------------------------------------------------------- PromQL
@@ -133,14 +120,9 @@ def promtool(*args):
 # ------------------------------------------------------------------------ Prometheus Operator
 
 def check_monitor(label, doc, docs):
-    problems = []
+    problems = operator_meta_problems(doc)
     kind = doc["kind"]
-    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
-        problems.append(f"apiVersion {doc.get('apiVersion')} is not monitoring.coreos.com/v1")
     meta = doc.get("metadata") or {}
-    for key in ("name", "namespace"):
-        if not meta.get(key):
-            problems.append(f"metadata.{key} missing")
     spec = doc.get("spec") or {}
     allowed = SERVICEMONITOR_SPEC if kind == "ServiceMonitor" else PODMONITOR_SPEC
     problems += [f"unknown field spec.{k}" for k in sorted(set(spec) - allowed)]
@@ -187,13 +169,8 @@ def check_monitor(label, doc, docs):
 
 
 def check_rule(label, doc, rules_test, tmp):
-    problems = []
-    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
-        problems.append(f"apiVersion {doc.get('apiVersion')} is not monitoring.coreos.com/v1")
+    problems = operator_meta_problems(doc)
     meta = doc.get("metadata") or {}
-    for key in ("name", "namespace"):
-        if not meta.get(key):
-            problems.append(f"metadata.{key} missing")
     groups = (doc.get("spec") or {}).get("groups") or []
     if not groups:
         problems.append("spec.groups is empty")
@@ -370,7 +347,7 @@ def main():
             report("PrometheusRule present", ["--rules-test given but no rendering has a PrometheusRule"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    sys.exit(1 if FAILED else 0)
+    sys.exit(1 if failed() else 0)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import sys
 
 import yaml
 
+from deploy_report import failed, kn, report
+
 try:
     import kubernetes_validate.utils as kv
 except ImportError:  # pragma: no cover - validate-deploy.sh installs it
@@ -36,22 +38,6 @@ except ImportError:  # pragma: no cover - validate-deploy.sh installs it
 
 CRD_GROUPS = ("monitoring.coreos.com/",)
 READ_VERBS = {"get", "list", "watch"}
-FAILED = 0
-
-
-def report(name, problems):
-    global FAILED
-    if problems:
-        FAILED += 1
-        print(f"FAIL {name}: " + "; ".join(problems).replace("\n", "\n    "))
-    else:
-        print(f"ok   {name}")
-
-
-def kn(doc):
-    meta = doc.get("metadata") or {}
-    ns = meta.get("namespace")
-    return f"{doc.get('kind')}/{ns + '/' if ns else ''}{meta.get('name')}"
 
 
 def schema_problems(doc, version):
@@ -359,7 +345,7 @@ def main():
                  f"(it has {kv.all_versions()[0]} .. {kv.all_versions()[-1]})")
     for path in args.rendered:
         check_render(path, args.k8s_version)
-    sys.exit(1 if FAILED else 0)
+    sys.exit(1 if failed() else 0)
 
 
 if __name__ == "__main__":

@@ -175,65 +175,49 @@ impl Agent {
 impl Bound {
     /// Starts discovery, rounds and serving.
     pub fn run(self) -> Agent {
-        let Bound {
-            config,
-            source,
-            fixed,
-            skipped,
-            prober,
-            metrics,
-            spans,
-            tracer,
-            incoming,
-            pod_name,
-            plain,
-            local_addr,
-            secure,
-            tls_local_addr,
-        } = self;
-        let discovery = Discovery::start(source);
+        let discovery = Discovery::start(self.source);
         let (reports_tx, reports) = watch::channel(None);
         let (stop_probing, probing_rx) = watch::channel(false);
         let (stop_serving, serving_rx) = watch::channel(false);
         let draining = Arc::new(AtomicBool::new(false));
 
         let scheduler = Scheduler {
-            interval: config.check_interval,
-            fixed,
-            skipped,
-            check_neighbourhood: config.check_neighbourhood,
-            neighbour_limit: config.neighbour_limit,
-            neighbour_port: config.effective_neighbour_port(),
-            neighbour_tls: config.use_tls,
-            own_node: config.node_name.clone(),
+            interval: self.config.check_interval,
+            fixed: self.fixed,
+            skipped: self.skipped,
+            check_neighbourhood: self.config.check_neighbourhood,
+            neighbour_limit: self.config.neighbour_limit,
+            neighbour_port: self.config.effective_neighbour_port(),
+            neighbour_tls: self.config.use_tls,
+            own_node: self.config.node_name.clone(),
             discovery: discovery.clone(),
-            prober,
-            metrics: metrics.clone(),
-            spans,
+            prober: self.prober,
+            metrics: self.metrics.clone(),
+            spans: self.spans,
             reports: reports_tx,
         };
         let app = router(Arc::new(AppState {
-            hostname: pod_name,
+            hostname: self.pod_name,
             reports: reports.clone(),
             draining: draining.clone(),
             discovery,
-            incoming,
-            metrics: metrics.clone(),
+            incoming: self.incoming,
+            metrics: self.metrics.clone(),
         }));
         let mut tasks = vec![
             tokio::spawn(scheduler.run(probing_rx)),
-            tokio::spawn(listener::serve(plain, None, app.clone(), serving_rx.clone())),
+            tokio::spawn(listener::serve(self.plain, None, app.clone(), serving_rx.clone())),
         ];
-        if let Some((l, acceptor)) = secure {
+        if let Some((l, acceptor)) = self.secure {
             tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, serving_rx)));
         }
-        tracing::info!(%local_addr, tls = ?tls_local_addr, "kubenurse started");
+        tracing::info!(local_addr = %self.local_addr, tls = ?self.tls_local_addr, "kubenurse started");
         Agent {
-            config,
-            local_addr,
-            tls_local_addr,
-            metrics,
-            tracer,
+            config: self.config,
+            local_addr: self.local_addr,
+            tls_local_addr: self.tls_local_addr,
+            metrics: self.metrics,
+            tracer: self.tracer,
             reports,
             draining,
             stop_probing,

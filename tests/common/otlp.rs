@@ -63,20 +63,31 @@ fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
     headers.iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
 }
 
-#[tonic::async_trait]
-impl MetricsService for Shared {
-    async fn export(
+impl Shared {
+    /// Records a gRPC export's arrival, or refuses it while rejecting.
+    fn arrive<T>(
         &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        signal: &'static str,
+        request: &tonic::Request<T>,
+    ) -> Result<std::sync::MutexGuard<'_, Recorded>, tonic::Status> {
         if self.reject.load(Ordering::SeqCst) {
             return Err(tonic::Status::unavailable("receiver rejects"));
         }
         let headers = header_map(&request.metadata().clone().into_headers());
         let compressed = headers.get("grpc-encoding").is_some_and(|e| e == "gzip");
         let mut r = self.lock();
-        r.arrivals.push(Arrival { signal: "metrics", headers, compressed });
-        r.metrics.push(request.into_inner());
+        r.arrivals.push(Arrival { signal, headers, compressed });
+        Ok(r)
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Shared {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.arrive("metrics", &request)?.metrics.push(request.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
@@ -87,14 +98,7 @@ impl TraceService for Shared {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        if self.reject.load(Ordering::SeqCst) {
-            return Err(tonic::Status::unavailable("receiver rejects"));
-        }
-        let headers = header_map(&request.metadata().clone().into_headers());
-        let compressed = headers.get("grpc-encoding").is_some_and(|e| e == "gzip");
-        let mut r = self.lock();
-        r.arrivals.push(Arrival { signal: "traces", headers, compressed });
-        r.traces.push(request.into_inner());
+        self.arrive("traces", &request)?.traces.push(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
