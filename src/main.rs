@@ -1,10 +1,9 @@
-use clap::Parser;
 use kubenurse::agent::Agent;
 use kubenurse::config::{describe_clap_error, Cli, Command, EXIT_USAGE};
 use kubenurse::{demo, shutdown, telemetry};
 
 fn main() {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_with_env(std::env::args_os(), |name| std::env::var(name).ok()) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => fail(&describe_clap_error(&e)),

@@ -167,11 +167,10 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     fn kinds(config: &[&str]) -> (Vec<String>, Vec<String>) {
         let config =
-            Config::try_parse_from(std::iter::once("kubenurse").chain(config.iter().copied())).expect("config");
+            Config::from_flags(config.iter().copied()).expect("config");
         let (targets, skipped) = fixed_targets(&config);
         (targets.iter().map(|t| t.url.to_string()).collect(), skipped.iter().map(|s| s.kind.clone()).collect())
     }

@@ -62,7 +62,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything the agent needs to know, typed. Build it with [`Config::try_parse_from`] in
+/// Everything the agent needs to know, typed. Build it with [`Config::from_flags`] in
 /// tests; `main` parses the real command line and environment.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kubenurse")]
@@ -176,6 +176,16 @@ pub struct Config {
     /// Kubeconfig to use when not running in a pod (only when set explicitly).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// DNS servers for the probes' name lookups, `ip[:port]` separated by commas, instead of
+    /// the `nameserver` lines of `/etc/resolv.conf` (whose search list and `ndots` still apply).
+    #[arg(long, env = "KUBENURSE_DNS_SERVERS", value_parser = parse_dns_servers)]
+    pub dns_servers: Option<DnsServers>,
+    /// First wait after a failed Kubernetes list or watch; doubles (with jitter) per failure.
+    #[arg(long, env = "KUBENURSE_DISCOVERY_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration)]
+    pub discovery_backoff_base: Duration,
+    /// Longest wait between two failed Kubernetes lists or watches.
+    #[arg(long, env = "KUBENURSE_DISCOVERY_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub discovery_backoff_max: Duration,
     /// Log format.
     #[arg(long, env = "KUBENURSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -207,6 +217,10 @@ pub struct StaticNeighbour {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticNeighbours(pub Vec<StaticNeighbour>);
 
+/// `KUBENURSE_DNS_SERVERS`: the name servers the probes ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsServers(pub Vec<SocketAddr>);
+
 /// A configuration that cannot work, named after the variable that holds it.
 #[derive(Debug, thiserror::Error)]
 #[error("{variable}={value:?}: {problem}")]
@@ -222,6 +236,66 @@ impl ConfigError {
     }
 }
 
+impl Cli {
+    /// Parses `args` with the environment variables that `env` returns, instead of reading the
+    /// process environment (`main` passes `std::env::var`, tests pass their own). An empty
+    /// variable counts as unset, as the Go agent reads them with `os.Getenv`. A flag wins
+    /// over its variable.
+    pub fn try_parse_with_env<I, T>(args: I, env: impl Fn(&str) -> Option<String>) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        parse_with_env(args, env)
+    }
+}
+
+impl Config {
+    /// Parses a configuration from flags alone: no environment variable is read. For tests
+    /// and tools that must not depend on the machine they run on.
+    pub fn from_flags<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        parse_with_env(std::iter::once(std::ffi::OsString::from("kubenurse")).chain(args.into_iter().map(Into::into)), |_| {
+            None
+        })
+    }
+}
+
+/// Parses `P` with each argument's environment twin looked up through `env` (empty = unset).
+/// clap reads the process environment when an argument is declared, so the twins are
+/// replaced by defaults taken from `env` before parsing. Help and version output come from
+/// the command as declared, so `--help` still lists every variable.
+pub(crate) fn parse_with_env<P, I, T>(args: I, env: impl Fn(&str) -> Option<String>) -> Result<P, clap::Error>
+where
+    P: clap::Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::ErrorKind;
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let command = P::command().mut_args(|arg| {
+        let Some(name) = arg.get_env().and_then(|n| n.to_str()).map(str::to_owned) else {
+            return arg;
+        };
+        let arg = arg.env(None);
+        match env(&name).filter(|value| !value.is_empty()) {
+            Some(value) => arg.default_value(value),
+            None => arg,
+        }
+    });
+    let matches = match command.try_get_matches_from(args.clone()) {
+        Ok(matches) => matches,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            return Err(P::command().try_get_matches_from(args).err().unwrap_or(e));
+        }
+        Err(e) => return Err(e),
+    };
+    P::from_arg_matches(&matches)
+}
+
 impl Config {
     /// Cross-field checks that a single value parser cannot make.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -231,6 +305,16 @@ impl Config {
             if value.is_zero() {
                 return Err(ConfigError::new(variable, "0s", "must be greater than zero"));
             }
+        }
+        if self.discovery_backoff_base.is_zero() {
+            return Err(ConfigError::new("KUBENURSE_DISCOVERY_BACKOFF_BASE", "0s", "must be greater than zero"));
+        }
+        if self.discovery_backoff_max < self.discovery_backoff_base {
+            return Err(ConfigError::new(
+                "KUBENURSE_DISCOVERY_BACKOFF_MAX",
+                humantime::format_duration(self.discovery_backoff_max).to_string(),
+                "must not be shorter than KUBENURSE_DISCOVERY_BACKOFF_BASE",
+            ));
         }
         if self.use_tls {
             for (variable, value) in [("KUBENURSE_CERT_FILE", &self.cert_file), ("KUBENURSE_CERT_KEY", &self.cert_key)]
@@ -425,6 +509,29 @@ fn parse_static_neighbours(s: &str) -> Result<StaticNeighbours, String> {
     Ok(StaticNeighbours(neighbours))
 }
 
+/// `ip[:port]` entries separated by commas; the port defaults to 53. IPv6 with a port is
+/// written `[::1]:5353`.
+fn parse_dns_servers(s: &str) -> Result<DnsServers, String> {
+    let mut servers = Vec::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let server = match entry.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => match entry.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, 53),
+                Err(_) => return Err(format!("{entry:?} is not an IP address or ip:port")),
+            },
+        };
+        if server.port() == 0 {
+            return Err(format!("{entry:?}: port 0"));
+        }
+        servers.push(server);
+    }
+    if servers.is_empty() {
+        return Err("no server given".into());
+    }
+    Ok(DnsServers(servers))
+}
+
 /// Brackets IPv6 literals for use in URLs.
 pub fn bracket(host: &str) -> String {
     if host.contains(':') {
@@ -439,8 +546,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let cfg = Config::try_parse_from(std::iter::once("kubenurse").chain(args.iter().copied()))
-            .map_err(|e| describe_clap_error_for(&e))?;
+        let cfg = Config::from_flags(args.iter().copied()).map_err(|e| describe_clap_error_for(&e))?;
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
@@ -521,6 +627,78 @@ mod tests {
             assert!(err.contains(variable), "{args:?}: {err:?} does not name {variable}");
             assert!(!err.contains('\n'), "{args:?}: message has several lines: {err:?}");
         }
+    }
+
+    fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+        let env: std::collections::HashMap<String, String> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let cli = Cli::try_parse_with_env(std::iter::once("kubenurse").chain(args.iter().copied()), |name| {
+            env.get(name).cloned()
+        })
+        .map_err(|e| describe_clap_error(&e))?;
+        cli.config.validate().map_err(|e| e.to_string())?;
+        Ok(cli.config)
+    }
+
+    /// Every variable of the command, as declared.
+    fn every_variable() -> Vec<String> {
+        <Cli as clap::CommandFactory>::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_variable_is_unset_like_in_the_go_agent() {
+        let variables = every_variable();
+        assert!(variables.len() > 40, "{variables:?}");
+        for variable in &variables {
+            let config = parse_env(&[], &[(variable.as_str(), "")])
+                .unwrap_or_else(|e| panic!("{variable}=\"\" must mean unset, got: {e}"));
+            let defaults = parse_env(&[], &[]).expect("defaults");
+            assert_eq!(format!("{config:?}"), format!("{defaults:?}"), "{variable}=\"\" differs from unset");
+        }
+        // All of them empty at once, as a Helm chart with blank values renders them.
+        let all: Vec<(&str, &str)> = variables.iter().map(|v| (v.as_str(), "")).collect();
+        parse_env(&[], &all).expect("all empty = all unset");
+    }
+
+    #[test]
+    fn variables_are_read_through_the_given_lookup_and_flags_win() {
+        let c = parse_env(
+            &["--neighbour-limit=3"],
+            &[
+                ("KUBENURSE_CHECK_INTERVAL", "2s"),
+                ("KUBENURSE_NEIGHBOUR_LIMIT", "7"),
+                ("KUBENURSE_NAMESPACE", "monitoring"),
+                ("KUBENURSE_DNS_SERVERS", "127.0.0.1:5353, ::1"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.check_interval, Duration::from_secs(2));
+        assert_eq!(c.neighbour_limit, 3, "the flag wins over the variable");
+        assert_eq!(c.namespace.as_deref(), Some("monitoring"));
+        assert_eq!(
+            c.dns_servers,
+            Some(DnsServers(vec!["127.0.0.1:5353".parse().expect("addr"), "[::1]:53".parse().expect("addr")]))
+        );
+    }
+
+    #[test]
+    fn a_bad_non_empty_variable_is_named() {
+        for (variable, value) in [
+            ("KUBENURSE_CHECK_INTERVAL", "soon"),
+            ("KUBENURSE_NEIGHBOUR_LIMIT", "ten"),
+            ("KUBENURSE_INSECURE", "maybe"),
+            ("KUBENURSE_DNS_SERVERS", "dns.example"),
+            ("KUBENURSE_DISCOVERY_BACKOFF_BASE", "0s"),
+        ] {
+            let err = parse_env(&[], &[(variable, value)]).expect_err(variable);
+            assert!(err.contains(variable), "{err}");
+        }
+        let err = parse_env(&[], &[("KUBENURSE_DISCOVERY_BACKOFF_BASE", "10s"), ("KUBENURSE_DISCOVERY_BACKOFF_MAX", "1s")])
+            .expect_err("max below base");
+        assert!(err.contains("KUBENURSE_DISCOVERY_BACKOFF_MAX"), "{err}");
     }
 
     #[test]

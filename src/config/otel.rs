@@ -257,7 +257,7 @@ mod tests {
     }
 
     fn otel(args: &[&str]) -> OtelConfig {
-        Only::try_parse_from(std::iter::once("x").chain(args.iter().copied())).expect("valid").otel
+        crate::config::parse_with_env::<Only, _, _>(std::iter::once("x").chain(args.iter().copied()), |_| None).expect("valid").otel
     }
 
     #[test]
@@ -312,7 +312,7 @@ mod tests {
             &["--otlp-temporality=sometimes"],
             &["--otlp-histogram=log"],
         ] {
-            assert!(Only::try_parse_from(std::iter::once("x").chain(args.iter().copied())).is_err(), "{args:?}");
+            assert!(crate::config::parse_with_env::<Only, _, _>(std::iter::once("x").chain(args.iter().copied()), |_| None).is_err(), "{args:?}");
         }
     }
 }

@@ -2,14 +2,12 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use kubenurse::agent::Agent;
 use kubenurse::config::Config;
 
 /// Starts an agent from command-line style arguments (no environment involved).
 pub async fn start(args: &[String]) -> Agent {
-    let config = Config::try_parse_from(std::iter::once("kubenurse".to_owned()).chain(args.iter().cloned()))
-        .unwrap_or_else(|e| panic!("test config {args:?}: {e}"));
+    let config = Config::from_flags(args.iter().cloned()).unwrap_or_else(|e| panic!("test config {args:?}: {e}"));
     Agent::start(config).await.unwrap_or_else(|e| panic!("agent start: {e}"))
 }
 
