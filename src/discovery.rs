@@ -200,6 +200,15 @@ impl Discovery {
         }
     }
 
+    /// True when `pod` is an agent pod discovery knows of, so its probes may count as incoming
+    /// checks. Without Kubernetes discovery (static neighbours, standalone) every origin counts.
+    pub fn knows_pod(&self, pod: &str) -> bool {
+        match &self.inner.mode {
+            Mode::Kubernetes { .. } => self.lock().pods.contains_key(pod),
+            Mode::None | Mode::Static(_) => true,
+        }
+    }
+
     /// False while this agent's own node is cordoned or gone (only known when nodes are
     /// watched); true otherwise.
     pub fn own_node_schedulable(&self) -> bool {
