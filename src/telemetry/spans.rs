@@ -1,30 +1,113 @@
 //! Slow-path spans: a probe slower than the threshold, or failed, becomes one span that
 //! starts and ends at the probe's own instants, with one event per phase. Fast healthy probes
 //! produce nothing, so a healthy cluster sends no trace volume.
+//!
+//! Span names are low-cardinality: one per probe kind (`probe path`, `probe api_server_dns`,
+//! `probe <extra check>`); the node and pod are attributes. The span rate is bounded per
+//! target: a span when its condition starts or changes (slow, or a failure at another
+//! event), then at most one per [`REPEAT_EVERY`] while it stays the same, so a cluster-wide
+//! outage costs each agent at most one span per target and minute.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{Span, SpanKind, Status, Tracer, TracerProvider};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use crate::phase::{Outcome, ProbeResult};
+use crate::sync::lock;
+
+/// How often a target whose condition does not change exports a span again.
+pub const REPEAT_EVERY: Duration = Duration::from_secs(60);
+
+/// Targets not seen for this long are forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 pub struct ProbeSpans {
     tracer: SdkTracer,
     threshold: Duration,
+    repeat_every: Duration,
+    recent: Mutex<Recent>,
+}
+
+/// What each target last exported, by probe type.
+#[derive(Default)]
+struct Recent {
+    targets: HashMap<String, Exported>,
+    last_sweep: Option<Instant>,
+}
+
+struct Exported {
+    /// `slow`, or the error event of the failure.
+    condition: String,
+    at: Instant,
+    seen: Instant,
 }
 
 impl ProbeSpans {
     pub fn new(provider: &SdkTracerProvider, threshold: Duration) -> Self {
-        Self { tracer: provider.tracer("kubenurse"), threshold }
+        Self::with_repeat(provider, threshold, REPEAT_EVERY)
     }
 
-    /// Exports `result` as a span if it was slow or failed.
+    /// As [`Self::new`], with another repeat interval.
+    pub fn with_repeat(provider: &SdkTracerProvider, threshold: Duration, repeat_every: Duration) -> Self {
+        let tracer = provider.tracer_with_scope(
+            opentelemetry::InstrumentationScope::builder("kubenurse").with_version(env!("CARGO_PKG_VERSION")).build(),
+        );
+        Self { tracer, threshold, repeat_every, recent: Mutex::default() }
+    }
+
+    /// Exports `result` as a span if it was slow or failed, and the rate bound allows.
     pub fn record(&self, result: &ProbeResult) {
-        if result.is_ok() && result.elapsed <= self.threshold {
+        let condition = match result.error_event() {
+            Some(event) => event.into_owned(),
+            None if result.elapsed > self.threshold => "slow".to_owned(),
+            None => {
+                // Healthy again: the next failure is a new one and gets its span at once.
+                lock(&self.recent).targets.remove(&result.target.kind);
+                return;
+            }
+        };
+        if self.admit(&result.target.kind, condition, Instant::now()) {
+            self.export(result);
+        }
+    }
+
+    /// True when the target's condition is new or changed, or the repeat interval passed.
+    fn admit(&self, kind: &str, condition: String, now: Instant) -> bool {
+        let mut recent = lock(&self.recent);
+        let admitted = match recent.targets.get_mut(kind) {
+            Some(last) if last.condition == condition && now.saturating_duration_since(last.at) < self.repeat_every => {
+                last.seen = now;
+                false
+            }
+            Some(last) => {
+                *last = Exported { condition, at: now, seen: now };
+                true
+            }
+            None => {
+                recent.targets.insert(kind.to_owned(), Exported { condition, at: now, seen: now });
+                true
+            }
+        };
+        drop(recent);
+        self.forget_old(now);
+        admitted
+    }
+
+    /// A target that is healthy again, or no longer probed, starts afresh.
+    fn forget_old(&self, now: Instant) {
+        let mut recent = lock(&self.recent);
+        if recent.last_sweep.is_some_and(|at| now.saturating_duration_since(at) < self.repeat_every) {
             return;
         }
+        recent.last_sweep = Some(now);
+        recent.targets.retain(|_, e| now.saturating_duration_since(e.seen) < FORGET_AFTER);
+    }
+
+    fn export(&self, result: &ProbeResult) {
         let target = &result.target;
         let mut attributes = vec![
             KeyValue::new("kubenurse.probe.type", target.kind.clone()),
@@ -54,7 +137,7 @@ impl ProbeSpans {
         let start = result.started_at;
         let mut span = self
             .tracer
-            .span_builder(format!("probe {}", target.kind))
+            .span_builder(span_name(&target.kind, target.peer.is_some()))
             .with_kind(SpanKind::Client)
             .with_start_time(start)
             .with_attributes(attributes)
@@ -66,5 +149,55 @@ impl ProbeSpans {
             span.set_status(Status::error(result.summary()));
         }
         span.end_with_timestamp(start + result.elapsed);
+    }
+}
+
+/// One name per probe kind: every neighbour probe is `probe path`.
+fn span_name(kind: &str, neighbour: bool) -> String {
+    if neighbour {
+        "probe path".to_owned()
+    } else {
+        format!("probe {kind}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(repeat: Duration) -> ProbeSpans {
+        ProbeSpans::with_repeat(&SdkTracerProvider::builder().build(), Duration::from_secs(1), repeat)
+    }
+
+    #[test]
+    fn a_lasting_condition_exports_once_per_interval_and_a_change_at_once() {
+        let s = spans(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        assert!(s.admit("path_a", "connect_done".into(), at(0)), "a failure starts");
+        for i in 1..12 {
+            assert!(!s.admit("path_a", "connect_done".into(), at(i * 5)), "round {i}: same failure, no span");
+        }
+        assert!(s.admit("path_b", "connect_done".into(), at(5)), "each target has its own bound");
+        assert!(s.admit("path_a", "connect_done".into(), at(60)), "one reminder a minute");
+        assert!(s.admit("path_a", "round_trip_error".into(), at(61)), "a changed failure at once");
+        assert!(s.admit("path_a", "slow".into(), at(62)), "slow after failing is a change");
+        assert!(!s.admit("path_a", "slow".into(), at(63)));
+    }
+
+    #[test]
+    fn a_recovered_target_reports_its_next_failure_at_once() {
+        let s = spans(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(s.admit("me_service", "connect_done".into(), t0));
+        lock(&s.recent).targets.remove("me_service");
+        assert!(s.admit("me_service", "connect_done".into(), t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn neighbour_spans_share_one_name() {
+        assert_eq!(span_name("path_node-1", true), "probe path");
+        assert_eq!(span_name("path_node-2", true), "probe path");
+        assert_eq!(span_name("api_server_dns", false), "probe api_server_dns");
     }
 }

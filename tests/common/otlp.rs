@@ -39,6 +39,8 @@ struct Shared {
     reject: Arc<AtomicBool>,
     /// Milliseconds the HTTP receiver waits before answering.
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Metric exports that arrived at the HTTP receiver, answered or not.
+    received: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -141,6 +143,7 @@ impl OtlpReceiver {
             .route(
                 "/v1/metrics",
                 post(move |headers: HeaderMap, body: Bytes| async move {
+                    metrics.received.fetch_add(1, Ordering::SeqCst);
                     let delay = metrics.delay_ms.load(Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(delay)).await;
                     if metrics.reject.load(Ordering::SeqCst) {
@@ -194,6 +197,11 @@ impl OtlpReceiver {
 
     pub fn set_rejecting(&self, reject: bool) {
         self.shared.reject.store(reject, Ordering::SeqCst);
+    }
+
+    /// Metric exports that reached the HTTP receiver so far, including those it still holds.
+    pub fn received(&self) -> usize {
+        self.shared.received.load(Ordering::SeqCst)
     }
 
     /// Makes the HTTP receiver answer metric exports only after `delay`.
