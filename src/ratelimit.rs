@@ -47,8 +47,7 @@ impl FailureStreak {
         self.failures += 1;
         let first = self.last_report.is_none();
         if first || self.last_report.is_some_and(|at| now.saturating_duration_since(at) >= self.every) {
-            let report =
-                Report { first, failures: self.failures, suppressed: self.suppressed, since: now - since };
+            let report = Report { first, failures: self.failures, suppressed: self.suppressed, since: now - since };
             self.last_report = Some(now);
             self.suppressed = 0;
             Some(report)

@@ -258,9 +258,10 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        parse_with_env(std::iter::once(std::ffi::OsString::from("kubenurse")).chain(args.into_iter().map(Into::into)), |_| {
-            None
-        })
+        parse_with_env(
+            std::iter::once(std::ffi::OsString::from("kubenurse")).chain(args.into_iter().map(Into::into)),
+            |_| None,
+        )
     }
 }
 
@@ -696,8 +697,9 @@ mod tests {
             let err = parse_env(&[], &[(variable, value)]).expect_err(variable);
             assert!(err.contains(variable), "{err}");
         }
-        let err = parse_env(&[], &[("KUBENURSE_DISCOVERY_BACKOFF_BASE", "10s"), ("KUBENURSE_DISCOVERY_BACKOFF_MAX", "1s")])
-            .expect_err("max below base");
+        let err =
+            parse_env(&[], &[("KUBENURSE_DISCOVERY_BACKOFF_BASE", "10s"), ("KUBENURSE_DISCOVERY_BACKOFF_MAX", "1s")])
+                .expect_err("max below base");
         assert!(err.contains("KUBENURSE_DISCOVERY_BACKOFF_MAX"), "{err}");
     }
 

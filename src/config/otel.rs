@@ -257,7 +257,9 @@ mod tests {
     }
 
     fn otel(args: &[&str]) -> OtelConfig {
-        crate::config::parse_with_env::<Only, _, _>(std::iter::once("x").chain(args.iter().copied()), |_| None).expect("valid").otel
+        crate::config::parse_with_env::<Only, _, _>(std::iter::once("x").chain(args.iter().copied()), |_| None)
+            .expect("valid")
+            .otel
     }
 
     #[test]
@@ -312,7 +314,11 @@ mod tests {
             &["--otlp-temporality=sometimes"],
             &["--otlp-histogram=log"],
         ] {
-            assert!(crate::config::parse_with_env::<Only, _, _>(std::iter::once("x").chain(args.iter().copied()), |_| None).is_err(), "{args:?}");
+            assert!(
+                crate::config::parse_with_env::<Only, _, _>(std::iter::once("x").chain(args.iter().copied()), |_| None)
+                    .is_err(),
+                "{args:?}"
+            );
         }
     }
 }

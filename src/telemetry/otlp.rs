@@ -15,6 +15,8 @@ use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData};
 use opentelemetry_sdk::Resource;
 
 use crate::config::otel::{Compression, OtelConfig, Protocol, Signal, SignalExport, TemporalityPreference};
+use crate::ratelimit::FailureStreak;
+use crate::sync::lock;
 
 /// The reader that pushes metrics.
 pub type PushReader = PeriodicReader<Logged<MetricExporter>>;
@@ -118,39 +120,31 @@ const REPEAT_EVERY: Duration = Duration::from_secs(300);
 pub struct Logged<E> {
     inner: E,
     signal: &'static str,
-    state: Mutex<Streak>,
-}
-
-#[derive(Default)]
-struct Streak {
-    failures: u64,
-    last_report: Option<Instant>,
+    streak: Mutex<FailureStreak>,
 }
 
 impl<E> Logged<E> {
     fn new(inner: E, signal: &'static str) -> Self {
-        Self { inner, signal, state: Mutex::default() }
+        Self { inner, signal, streak: Mutex::new(FailureStreak::new(REPEAT_EVERY)) }
     }
 
     fn note(&self, result: &OTelSdkResult) {
-        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let mut streak = lock(&self.streak);
         match result {
-            Ok(()) if s.failures > 0 => {
-                tracing::info!(signal = self.signal, failed_exports = s.failures, "OTLP export recovered");
-                *s = Streak::default();
+            Ok(()) => {
+                if let Some(recovery) = streak.succeeded(now) {
+                    tracing::info!(signal = self.signal, failed_exports = recovery.failures, after = ?recovery.after, "OTLP export recovered");
+                }
             }
-            Ok(()) => {}
             Err(e) => {
-                s.failures += 1;
-                let now = Instant::now();
-                if s.last_report.is_none_or(|at| now.duration_since(at) >= REPEAT_EVERY) {
+                if let Some(report) = streak.failed(now) {
                     tracing::warn!(
                         signal = self.signal,
-                        failed_exports = s.failures,
+                        failed_exports = report.failures,
                         error = %e,
                         "OTLP export failed; probing and /metrics are unaffected, retrying every interval (next report in 5 minutes at most)"
                     );
-                    s.last_report = Some(now);
                 }
             }
         }
