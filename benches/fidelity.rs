@@ -13,8 +13,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kubenurse::phase::Target;
-use kubenurse::probe::{Prober, ProberSettings};
+use kubenurse::probe::{Prober, ProberSettings, Resolver, Target};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -92,9 +91,10 @@ fn main() {
     let (samples, window) = if full { (3000, Duration::from_secs(10)) } else { (30, Duration::from_millis(500)) };
     let addr = target_server();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-    let tls = kubenurse::tls::client_config(Path::new("/nonexistent/ca.crt"), None, false).expect("tls");
+    let tls = kubenurse::tls::probe_tls(Path::new("/nonexistent/ca.crt"), None, false).expect("tls");
     let prober = Prober::new(ProberSettings {
         tls,
+        resolver: Resolver::new(b"", b"", None).expect("resolver"),
         timeout: Duration::from_secs(5),
         token_file: "/nonexistent/token".into(),
         own_pod: "bench".into(),

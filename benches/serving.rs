@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kubenurse::incoming::IncomingChecks;
 use kubenurse::metrics::Metrics;
-use kubenurse::phase::{Event, FailedPhase, Outcome, Peer, ProbeResult, Target};
+use kubenurse::probe::{Event, FailedPhase, Outcome, Peer, ProbeResult, Target};
 use support::*;
 
 fn wrk(url: &str, seconds: u64) -> (String, String) {

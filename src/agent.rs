@@ -11,12 +11,13 @@ use tokio::task::JoinHandle;
 
 use crate::config::otel::OtlpHistogram;
 use crate::config::{Config, ConfigError};
-use crate::discovery::{Discovery, KubeSettings, Source};
+use crate::discovery::{Discovery, Source};
 use crate::incoming::IncomingChecks;
 use crate::metrics::{Metrics, Push};
-use crate::probe::{Prober, ProberSettings};
-use crate::scheduler::{fixed_targets, RoundReport, Scheduler};
+use crate::probe::{Prober, ProberSettings, Resolver};
+use crate::scheduler::{RoundReport, Scheduler};
 use crate::server::{router, AppState};
+use crate::targets::Targets;
 use crate::telemetry::ProbeSpans;
 use crate::{kube_client, listener, telemetry, tls};
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -34,6 +35,8 @@ pub enum StartError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error(transparent)]
+    Resolver(#[from] crate::probe::ResolverError),
 }
 
 impl StartError {
@@ -47,8 +50,7 @@ impl StartError {
 pub struct Bound {
     config: Config,
     source: Source,
-    fixed: Vec<Arc<crate::phase::Target>>,
-    skipped: Vec<crate::scheduler::Skipped>,
+    targets: Targets,
     prober: Arc<Prober>,
     metrics: Arc<Metrics>,
     spans: Option<Arc<ProbeSpans>>,
@@ -85,9 +87,15 @@ impl Agent {
     pub async fn bind(config: Config) -> Result<Bound, StartError> {
         config.validate()?;
         let pod_name = config.pod_name.clone().unwrap_or_else(hostname);
-        let client_tls =
-            tls::client_config(&config.service_account_dir.join("ca.crt"), config.extra_ca.as_deref(), config.insecure)
-                .map_err(|e| ConfigError::new("KUBENURSE_EXTRA_CA", display_path(&config.extra_ca), e.to_string()))?;
+        let probe_tls =
+            tls::probe_tls(&config.service_account_dir.join("ca.crt"), config.extra_ca.as_deref(), config.insecure)
+                .map_err(|e| match e.path() {
+                    // The service-account `ca.crt` is at fault, not the extra CA.
+                    Some(path) if Some(path) != config.extra_ca.as_deref() => {
+                        ConfigError::new("KUBENURSE_SERVICE_ACCOUNT_DIR", path.display().to_string(), e.to_string())
+                    }
+                    _ => ConfigError::new("KUBENURSE_EXTRA_CA", display_path(&config.extra_ca), e.to_string()),
+                })?;
         let server_tls = match (&config.cert_file, &config.cert_key) {
             (Some(cert), Some(key)) if config.use_tls => Some(
                 tls::server_config(cert, key)
@@ -98,23 +106,7 @@ impl Agent {
 
         let kube = kube_client::build(&config).await?;
         let namespace = config.namespace.clone().or_else(|| kube.as_ref().map(|k| k.namespace.clone()));
-        let source = if !config.check_neighbourhood {
-            Source::None
-        } else if let Some(list) = &config.neighbours {
-            Source::Static(list.clone())
-        } else if let Some(kube) = kube {
-            Source::Kubernetes(KubeSettings {
-                client: kube.client,
-                namespace: namespace.clone().unwrap_or(kube.namespace),
-                label_selector: config.neighbour_filter.clone(),
-                own_pod: pod_name.clone(),
-                own_node: config.node_name.clone(),
-                allow_unschedulable: config.allow_unschedulable,
-            })
-        } else {
-            tracing::info!("no Kubernetes configuration and no KUBENURSE_NEIGHBOURS: neighbour probes skipped");
-            Source::None
-        };
+        let source = Source::from_config(&config, kube, &pod_name, namespace.clone());
 
         let incoming = Arc::new(IncomingChecks::default());
         let resource = telemetry::resource(&config, &pod_name, namespace.as_deref());
@@ -125,12 +117,13 @@ impl Agent {
         let metrics = Arc::new(Metrics::new(config.buckets(), resource.clone(), incoming.clone(), push)?);
         let tracer = telemetry::tracer_provider(&config.otel, resource)?;
         let spans = tracer.as_ref().map(|t| Arc::new(ProbeSpans::new(t, config.slow_threshold)));
-        let (fixed, skipped) = fixed_targets(&config);
-        for s in &skipped {
+        let targets = Targets::from_config(&config);
+        for s in targets.skipped() {
             tracing::info!(probe = %s.kind, reason = %s.reason, "probe skipped");
         }
         let prober = Arc::new(Prober::new(ProberSettings {
-            tls: client_tls,
+            tls: probe_tls,
+            resolver: Resolver::from_system(config.dns_servers.as_ref())?,
             timeout: config.check_timeout,
             token_file: config.service_account_dir.join("token"),
             own_pod: pod_name.clone(),
@@ -156,8 +149,7 @@ impl Agent {
         Ok(Bound {
             config,
             source,
-            fixed,
-            skipped,
+            targets,
             prober,
             metrics,
             spans,
@@ -183,12 +175,9 @@ impl Bound {
 
         let scheduler = Scheduler {
             interval: self.config.check_interval,
-            fixed: self.fixed,
-            skipped: self.skipped,
+            targets: self.targets,
             check_neighbourhood: self.config.check_neighbourhood,
             neighbour_limit: self.config.neighbour_limit,
-            neighbour_port: self.config.effective_neighbour_port(),
-            neighbour_tls: self.config.use_tls,
             own_node: self.config.node_name.clone(),
             discovery: discovery.clone(),
             prober: self.prober,
@@ -204,12 +193,15 @@ impl Bound {
             incoming: self.incoming,
             metrics: self.metrics.clone(),
         }));
+        // One slot table for both listeners, so a client cannot take twice its share.
+        let connections =
+            listener::Connections::new(listener::MAX_CONNECTIONS, listener::MAX_CONNECTIONS_PER_ADDRESS);
         let mut tasks = vec![
             tokio::spawn(scheduler.run(probing_rx)),
-            tokio::spawn(listener::serve(self.plain, None, app.clone(), serving_rx.clone())),
+            tokio::spawn(listener::serve(self.plain, None, app.clone(), connections.clone(), serving_rx.clone())),
         ];
         if let Some((l, acceptor)) = self.secure {
-            tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, serving_rx)));
+            tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, connections, serving_rx)));
         }
         tracing::info!(local_addr = %self.local_addr, tls = ?self.tls_local_addr, "kubenurse started");
         Agent {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::agent::Agent;
 use crate::config::{Config, DemoArgs, StaticNeighbour, StaticNeighbours};
-use crate::phase::Outcome;
+use crate::probe::Outcome;
 use crate::scheduler::RoundReport;
 
 /// The node name and address of demo agent `i` (0-based).

@@ -1,19 +1,27 @@
 //! Who probed this agent recently: the record behind
 //! `kubenurse_neighbourhood_incoming_checks`.
 //!
-//! Origins come from a request header, so anyone can make them up. The record is bounded:
-//! origins must look like pod names, and once it holds `capacity` live entries new origins
-//! are not recorded (known ones are still refreshed) until old ones expire.
+//! Origins come from a request header, so anyone can make them up: the server offers only
+//! origins that discovery knows as agent pods, and the record is bounded. Origins must look
+//! like pod names, and once it holds `capacity` live entries new origins are not recorded
+//! (known ones are still refreshed) until old ones expire. A full record looks for expired
+//! entries at most once per [`EXPIRY_INTERVAL`], so a flood of new origins costs a lookup
+//! each, not a scan of the whole record under its lock.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::sync::lock;
 
 /// How long an origin counts after its last probe (as in the Go agent).
 pub const ORIGIN_TTL: Duration = Duration::from_secs(60);
 
 /// Enough for every pod of a 5,000-node cluster with no neighbour limit, with room to spare.
 pub const DEFAULT_CAPACITY: usize = 16_384;
+
+/// Least time between two scans of a full record for expired origins.
+pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Longest origin accepted: a Kubernetes object name.
 const MAX_ORIGIN_LEN: usize = 253;
@@ -22,7 +30,16 @@ const MAX_ORIGIN_LEN: usize = 253;
 pub struct IncomingChecks {
     ttl: Duration,
     capacity: usize,
-    seen: Mutex<HashMap<Box<str>, Instant>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    seen: HashMap<Box<str>, Instant>,
+    /// When the last scan for expired origins ran.
+    scanned_at: Option<Instant>,
+    /// Entries looked at by scans so far.
+    examined: u64,
 }
 
 /// What happened to an origin offered to the record.
@@ -37,7 +54,7 @@ pub enum Recorded {
 
 impl IncomingChecks {
     pub fn new(ttl: Duration, capacity: usize) -> Self {
-        Self { ttl, capacity, seen: Mutex::new(HashMap::new()) }
+        Self { ttl, capacity, state: Mutex::default() }
     }
 
     /// Notes a probe from `origin` at `now`.
@@ -48,37 +65,45 @@ impl IncomingChecks {
         {
             return Recorded::Invalid;
         }
-        let mut seen = self.lock();
-        if let Some(at) = seen.get_mut(origin) {
+        let mut state = lock(&self.state);
+        if let Some(at) = state.seen.get_mut(origin) {
             *at = now;
             return Recorded::Yes;
         }
-        if seen.len() >= self.capacity {
-            Self::expire(&mut seen, self.ttl, now);
-            if seen.len() >= self.capacity {
+        if state.seen.len() >= self.capacity {
+            let due = state.scanned_at.is_none_or(|at| now.saturating_duration_since(at) >= EXPIRY_INTERVAL);
+            if due {
+                state.expire(self.ttl, now);
+            }
+            if state.seen.len() >= self.capacity {
                 return Recorded::Full;
             }
         }
-        seen.insert(origin.into(), now);
+        state.seen.insert(origin.into(), now);
         Recorded::Yes
     }
 
     /// Distinct origins seen within the TTL before `now`; forgets older ones.
     pub fn count(&self, now: Instant) -> usize {
-        let mut seen = self.lock();
-        Self::expire(&mut seen, self.ttl, now);
-        seen.len()
+        let mut state = lock(&self.state);
+        state.expire(self.ttl, now);
+        state.seen.len()
     }
 
-    fn expire(seen: &mut HashMap<Box<str>, Instant>, ttl: Duration, now: Instant) {
-        seen.retain(|_, at| now.saturating_duration_since(*at) <= ttl);
-        if seen.capacity() > 4 * seen.len().max(64) {
-            seen.shrink_to_fit();
+    /// Entries looked at by scans for expired origins so far.
+    pub fn examined(&self) -> u64 {
+        lock(&self.state).examined
+    }
+}
+
+impl State {
+    fn expire(&mut self, ttl: Duration, now: Instant) {
+        self.examined += self.seen.len() as u64;
+        self.scanned_at = Some(now);
+        self.seen.retain(|_, at| now.saturating_duration_since(*at) <= ttl);
+        if self.seen.capacity() > 4 * self.seen.len().max(64) {
+            self.seen.shrink_to_fit();
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Instant>> {
-        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -120,6 +145,31 @@ mod tests {
         let later = t0 + Duration::from_secs(61);
         assert_eq!(cache.record("new-neighbour", later), Recorded::Yes);
         assert_eq!(cache.count(later), 2);
+    }
+
+    #[test]
+    fn a_full_record_is_scanned_at_most_once_per_interval() {
+        let cache = IncomingChecks::new(Duration::from_secs(60), 1_000);
+        let t0 = Instant::now();
+        for i in 0..1_000 {
+            assert_eq!(cache.record(&format!("pod-{i}"), t0), Recorded::Yes);
+        }
+        assert_eq!(cache.examined(), 0, "filling the record scans nothing");
+        // 100,000 new origins within one interval: one scan of the 1,000 entries, not one each.
+        let within = |i: u64| t0 + Duration::from_millis(i % 1_000);
+        for i in 0..100_000 {
+            assert_eq!(cache.record(&format!("new-{i}"), within(i)), Recorded::Full);
+        }
+        assert_eq!(cache.examined(), 1_000);
+        // Known origins are refreshed without a scan.
+        assert_eq!(cache.record("pod-7", within(999)), Recorded::Yes);
+        assert_eq!(cache.examined(), 1_000);
+        // The next interval scans once more.
+        let next = t0 + EXPIRY_INTERVAL + Duration::from_millis(1);
+        for i in 0..10_000 {
+            assert_eq!(cache.record(&format!("later-{i}"), next), Recorded::Full);
+        }
+        assert_eq!(cache.examined(), 2_000);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! OpenTelemetry-native.
 //!
 //! Data flows one way: [`config`] → [`discovery`] → [`selection`] → [`scheduler`] →
-//! [`probe`] → [`metrics`], with [`server`] reading shared state. [`agent`] wires one agent.
+//! [`probe`] → [`metrics`], with [`server`] reading shared state. [`targets`] turns the
+//! configuration into what to probe. [`agent`] wires one agent.
 
 pub mod agent;
 pub mod config;
@@ -12,7 +13,6 @@ pub mod incoming;
 pub mod kube_client;
 pub mod listener;
 pub mod metrics;
-pub mod phase;
 pub mod probe;
 pub mod ratelimit;
 pub mod scheduler;
@@ -20,5 +20,6 @@ pub mod selection;
 pub mod server;
 pub mod shutdown;
 pub mod sync;
+pub mod targets;
 pub mod telemetry;
 pub mod tls;

@@ -4,8 +4,11 @@
 //! translation (unit suffix, `_total` on counters) yields exactly the Go agent's names.
 //! The Prometheus reader renders `/metrics` from the same provider that pushes over OTLP.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
 use opentelemetry::KeyValue;
@@ -14,7 +17,7 @@ use opentelemetry_sdk::Resource;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::incoming::IncomingChecks;
-use crate::phase::ProbeResult;
+use crate::probe::ProbeResult;
 use crate::telemetry::PushReader;
 
 /// OpenTelemetry instrument names; the Prometheus names are these plus the unit suffix.
@@ -45,7 +48,27 @@ pub struct Metrics {
     providers: Vec<SdkMeterProvider>,
     registry: prometheus::Registry,
     instruments: Vec<Instruments>,
+    /// Bumped by every recording, so a cached `/metrics` text is known to be current.
+    recorded: AtomicU64,
+    rendered: Mutex<Option<Rendered>>,
+    /// Rendered texts still referenced (by the cache or by responses being written).
+    live_renders: Arc<AtomicUsize>,
 }
+
+/// A `/metrics` text shared by every request that asks while it is current.
+struct Rendered {
+    recorded: u64,
+    at: Instant,
+    text: Bytes,
+}
+
+/// How long a rendered text is served again when nothing was recorded since.
+const RENDER_REUSE: Duration = Duration::from_secs(1);
+
+/// Rendered texts that may be alive at once. Clients that do not read pin the text they
+/// asked for until the write timeout; beyond this many, requests get the latest text even
+/// if it is not current, so such clients cannot multiply the memory of large expositions.
+const MAX_LIVE_RENDERS: usize = 4;
 
 struct Instruments {
     request_duration: Histogram<f64>,
@@ -89,11 +112,19 @@ impl Metrics {
         providers.insert(0, main.build());
         let instruments =
             providers.iter().map(|p| Instruments::new(&p.meter("kubenurse"), &buckets, incoming.clone())).collect();
-        Ok(Self { providers, registry, instruments })
+        Ok(Self {
+            providers,
+            registry,
+            instruments,
+            recorded: AtomicU64::new(0),
+            rendered: Mutex::default(),
+            live_renders: Arc::default(),
+        })
     }
 
     /// Records one probe: its events, its duration, its status and, if it failed, the phase.
     pub fn record_probe(&self, result: &ProbeResult) {
+        self.recorded.fetch_add(1, Ordering::SeqCst);
         let kind = KeyValue::new("type", result.target.kind.clone());
         let code = KeyValue::new("code", result.code_label());
         let error = result.error_event().map(|e| KeyValue::new("event", e));
@@ -113,6 +144,7 @@ impl Metrics {
 
     /// Records how late a round started.
     pub fn record_round_lateness(&self, lateness: Duration) {
+        self.recorded.fetch_add(1, Ordering::SeqCst);
         for i in &self.instruments {
             i.round_lateness.record(lateness.as_secs_f64(), &[]);
         }
@@ -125,6 +157,28 @@ impl Metrics {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
+    /// The Prometheus text exposition for `/metrics`: rendered once and shared by concurrent
+    /// requests while nothing new is recorded (for at most [`RENDER_REUSE`]), and never more
+    /// than [`MAX_LIVE_RENDERS`] distinct texts alive at once.
+    pub fn render_shared(&self) -> Result<Bytes, MetricsError> {
+        // Rendering under the lock makes concurrent requests wait for one render instead of
+        // each making its own.
+        let mut rendered = crate::sync::lock(&self.rendered);
+        let recorded = self.recorded.load(Ordering::SeqCst);
+        if let Some(r) = rendered.as_ref() {
+            let current = r.recorded == recorded && r.at.elapsed() < RENDER_REUSE;
+            if current || self.live_renders.load(Ordering::SeqCst) >= MAX_LIVE_RENDERS {
+                return Ok(r.text.clone());
+            }
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        self.live_renders.fetch_add(1, Ordering::SeqCst);
+        let text = Bytes::from_owner(Counted { bytes: out, live: self.live_renders.clone() });
+        *rendered = Some(Rendered { recorded, at: Instant::now(), text: text.clone() });
+        Ok(text)
+    }
+
     /// Pushes what has been recorded and stops every reader (blocking, bounded by the
     /// exporters' timeouts).
     pub fn shutdown(&self) {
@@ -133,6 +187,24 @@ impl Metrics {
                 tracing::warn!(error = %e, "final metric export failed");
             }
         }
+    }
+}
+
+/// A rendered text that counts itself among the live ones until its last reference goes.
+struct Counted {
+    bytes: Vec<u8>,
+    live: Arc<AtomicUsize>,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -179,5 +251,45 @@ impl Instruments {
                 .with_callback(move |gauge| gauge.observe(incoming.count(Instant::now()) as u64, &[]))
                 .build(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        let resource = Resource::builder_empty().build();
+        Metrics::new(crate::config::DEFAULT_BUCKETS.to_vec(), resource, Arc::default(), None).expect("metrics")
+    }
+
+    #[test]
+    fn concurrent_requests_share_one_render_until_something_is_recorded() {
+        let metrics = metrics();
+        metrics.record_round_lateness(Duration::from_millis(1));
+        let first = metrics.render_shared().expect("render");
+        let again = metrics.render_shared().expect("render");
+        assert_eq!(first.as_ptr(), again.as_ptr(), "the same buffer, not a copy");
+        metrics.record_round_lateness(Duration::from_millis(2));
+        let fresh = metrics.render_shared().expect("render");
+        assert_ne!(fresh.as_ptr(), first.as_ptr(), "a recording makes the next render current");
+        assert!(String::from_utf8_lossy(&fresh).contains("kubenurse_round_lateness_seconds_count 2"));
+    }
+
+    #[test]
+    fn clients_holding_renders_cannot_multiply_them() {
+        let metrics = metrics();
+        let mut held = Vec::new();
+        for i in 0..10 {
+            metrics.record_round_lateness(Duration::from_millis(i));
+            held.push(metrics.render_shared().expect("render"));
+        }
+        let distinct: std::collections::BTreeSet<_> = held.iter().map(|b| b.as_ptr()).collect();
+        assert_eq!(distinct.len(), MAX_LIVE_RENDERS, "beyond the bound, the latest text is shared");
+        // Once the clients let go, renders are current again.
+        held.clear();
+        metrics.record_round_lateness(Duration::from_millis(11));
+        let text = metrics.render_shared().expect("render");
+        assert!(String::from_utf8_lossy(&text).contains("kubenurse_round_lateness_seconds_count 11"));
     }
 }

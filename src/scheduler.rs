@@ -1,26 +1,26 @@
-//! Probe rounds: every interval, all probes in parallel; a late round is measured, never
-//! stacked on the next one. Each round's results are published for `/alive` and the demo.
+//! Probe rounds: every interval, all probes in parallel, each in a task of its own; a late
+//! round is measured, never stacked on the next one. Each round's results are recorded,
+//! logged (rate-limited) and published for `/alive` and the demo.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
-use crate::config::{bracket, Config};
-use crate::discovery::{Discovery, Neighbour, Neighbourhood};
+use crate::discovery::{Discovery, Neighbourhood};
 use crate::metrics::Metrics;
-use crate::phase::{Peer, ProbeResult, Target};
-use crate::probe::{pool_key, Prober};
+use crate::probe::{FailedPhase, ProbeResult, Prober, Target};
+use crate::ratelimit::FailureStreak;
 use crate::selection::select;
+use crate::targets::{Skipped, Targets};
 use crate::telemetry::ProbeSpans;
 
-/// A probe that is not run, and why.
-#[derive(Debug, Clone)]
-pub struct Skipped {
-    pub kind: String,
-    pub reason: String,
-}
+/// At most one reminder per failing probe type in this long.
+const REMIND_EVERY: Duration = Duration::from_secs(5 * 60);
 
 /// What one round found.
 #[derive(Debug, Clone)]
@@ -41,49 +41,12 @@ impl RoundReport {
     }
 }
 
-/// The fixed probes (apiserver, ingress, service, extra checks) and those that are skipped.
-pub fn fixed_targets(config: &Config) -> (Vec<Arc<Target>>, Vec<Skipped>) {
-    let mut targets = Vec::new();
-    let mut skipped = Vec::new();
-    let mut add = |kind: &str, enabled: bool, url: Option<String>, bearer_token: bool, missing: &str| {
-        let target = match (enabled, url) {
-            (false, _) => Err(format!("disabled by KUBENURSE_CHECK_{}=false", kind.to_ascii_uppercase())),
-            (true, None) => Err(missing.to_owned()),
-            (true, Some(url)) => url.parse::<http::Uri>().map_err(|e| format!("invalid URL {url}: {e}")),
-        };
-        match target {
-            Ok(url) => targets.push(Arc::new(Target { kind: kind.to_owned(), url, bearer_token, peer: None })),
-            Err(reason) => skipped.push(Skipped { kind: kind.to_owned(), reason }),
-        }
-    };
-    let port = config.kubernetes_service_port;
-    let api_direct = config.kubernetes_service_host.as_ref().map(|h| format!("https://{}:{port}/version", bracket(h)));
-    let api_dns = config
-        .kubernetes_service_host
-        .as_ref()
-        .map(|_| format!("https://{}:{port}/version", bracket(&config.kubernetes_service_dns)));
-    let no_apiserver = "no apiserver configured (KUBERNETES_SERVICE_HOST is not set)";
-    add("api_server_direct", config.check_api_server_direct, api_direct, true, no_apiserver);
-    add("api_server_dns", config.check_api_server_dns, api_dns, true, no_apiserver);
-    let ingress = config.ingress_url.as_ref().map(|u| format!("{u}/alwayshappy"));
-    add("me_ingress", config.check_me_ingress, ingress, false, "KUBENURSE_INGRESS_URL is not set");
-    let service = config.service_url.as_ref().map(|u| format!("{u}/alwayshappy"));
-    add("me_service", config.check_me_service, service, false, "KUBENURSE_SERVICE_URL is not set");
-    for check in config.extra_checks() {
-        add(&check.name, true, Some(check.url.clone()), false, "");
-    }
-    (targets, skipped)
-}
-
 /// Runs the rounds.
 pub struct Scheduler {
     pub interval: Duration,
-    pub fixed: Vec<Arc<Target>>,
-    pub skipped: Vec<Skipped>,
+    pub targets: Targets,
     pub check_neighbourhood: bool,
     pub neighbour_limit: usize,
-    pub neighbour_port: u16,
-    pub neighbour_tls: bool,
     pub own_node: Option<String>,
     pub discovery: Discovery,
     pub prober: Arc<Prober>,
@@ -103,6 +66,7 @@ impl Scheduler {
         }
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut failures = FailureLog::default();
         let mut number = 0;
         loop {
             let scheduled = tokio::select! {
@@ -113,94 +77,206 @@ impl Scheduler {
             let lateness = Instant::now().saturating_duration_since(scheduled);
             self.metrics.record_round_lateness(lateness);
             let report = self.round(number, lateness).await;
+            failures.record(&report.results, Instant::now());
             self.reports.send_replace(Some(Arc::new(report)));
         }
     }
 
     async fn round(&self, number: u64, lateness: Duration) -> RoundReport {
         let started = Instant::now();
-        let neighbourhood = if self.check_neighbourhood {
-            self.discovery.neighbourhood()
-        } else {
-            Neighbourhood { state: "skipped".into(), ..Default::default() }
-        };
-        let mut targets = self.fixed.clone();
-        let own_node = self.own_node.clone().or_else(|| neighbourhood.own_node.clone()).unwrap_or_default();
-        let chosen =
-            select(&own_node, self.neighbour_limit, neighbourhood.neighbours.clone(), |n| n.node_name.as_str());
-        targets.extend(chosen.iter().filter_map(|n| self.neighbour_target(n)));
-        self.prober.retain_idle(|key| targets.iter().any(|t| pool_key(&t.url) == key));
+        // Asked even with neighbour probes off: the own-node watch behind `/ready` reports its
+        // failures here too.
+        let neighbourhood = self.discovery.neighbourhood();
+        let mut targets = self.targets.fixed().to_vec();
+        // An unknown own node is reported in the neighbourhood state; the ring then starts at
+        // the hash of "" so that probing goes on.
+        let own_node = neighbourhood.own_node.as_deref().or(self.own_node.as_deref()).unwrap_or_default();
+        let candidates = if self.check_neighbourhood { neighbourhood.neighbours.clone() } else { Vec::new() };
+        let chosen = select(own_node, self.neighbour_limit, candidates, |n| n.node_name.as_str());
+        targets.extend(chosen.iter().filter_map(|n| self.targets.neighbour(n)));
+        self.prober.retain_idle(&targets);
 
-        let results = futures::future::join_all(targets.into_iter().map(|t| self.prober.probe(t))).await;
+        let prober = &self.prober;
+        let results = probe_all(&targets, |target| {
+            let prober = prober.clone();
+            async move { prober.probe(target).await }
+        })
+        .await;
         for result in &results {
             self.metrics.record_probe(result);
             if let Some(spans) = &self.spans {
                 spans.record(result);
             }
-            if !result.is_ok() {
-                tracing::debug!(probe = %result.target.kind, error = %result.summary(), "probe failed");
-            }
         }
         RoundReport {
             number,
             results,
-            skipped: self.skipped.clone(),
+            skipped: self.targets.skipped().to_vec(),
             neighbourhood,
             lateness,
             duration: started.elapsed(),
         }
     }
+}
 
-    fn neighbour_target(&self, n: &Neighbour) -> Option<Arc<Target>> {
-        let scheme = if self.neighbour_tls { "https" } else { "http" };
-        let port = n.port.unwrap_or(self.neighbour_port);
-        let url = format!("{scheme}://{}:{port}/alwayshappy", bracket(&n.pod_ip)).parse().ok()?;
-        Some(Arc::new(Target {
-            kind: format!("path_{}", n.node_name),
-            url,
-            bearer_token: false,
-            peer: Some(Peer { node: n.node_name.clone(), pod: n.pod_name.clone() }),
-        }))
+/// Runs `probe` on every target, each in a task of its own so the runtime schedules them
+/// independently. Results come back in the order of `targets`; a probe whose task panicked
+/// is reported as failed rather than losing the round.
+async fn probe_all<F, Fut>(targets: &[Arc<Target>], probe: F) -> Vec<ProbeResult>
+where
+    F: Fn(Arc<Target>) -> Fut,
+    Fut: Future<Output = ProbeResult> + Send + 'static,
+{
+    let mut tasks = JoinSet::new();
+    let mut index = HashMap::with_capacity(targets.len());
+    for (i, target) in targets.iter().enumerate() {
+        index.insert(tasks.spawn(probe(target.clone())).id(), i);
     }
+    let mut results: Vec<Option<ProbeResult>> = vec![None; targets.len()];
+    while let Some(joined) = tasks.join_next_with_id().await {
+        let (id, result) = match joined {
+            Ok((id, result)) => (id, Some(result)),
+            Err(e) => (e.id(), None),
+        };
+        if let Some(&i) = index.get(&id) {
+            results[i] = result;
+        }
+    }
+    results
+        .into_iter()
+        .zip(targets)
+        .map(|(result, target)| {
+            result.unwrap_or_else(|| {
+                let error = format!("GET {}: the probe crashed", target.url);
+                ProbeResult::unobserved(target.clone(), FailedPhase::RoundTrip, error)
+            })
+        })
+        .collect()
+}
+
+/// The failure log: one `warn` line when a probe type starts failing, a reminder at most
+/// every [`REMIND_EVERY`] while it keeps failing, one `info` line when it recovers.
+#[derive(Default)]
+struct FailureLog {
+    /// The failing probe types.
+    streaks: HashMap<String, FailureStreak>,
+}
+
+impl FailureLog {
+    fn record(&mut self, results: &[ProbeResult], now: Instant) {
+        for result in results {
+            let kind = &result.target.kind;
+            let url = &result.target.url;
+            if result.is_ok() {
+                if let Some(recovery) = self.streaks.remove(kind).and_then(|mut s| s.succeeded(now)) {
+                    tracing::info!(
+                        probe = %kind,
+                        target = %url,
+                        failures = recovery.failures,
+                        after = %humantime::format_duration(whole_seconds(recovery.after)),
+                        "probe recovered"
+                    );
+                }
+                continue;
+            }
+            let streak = self.streaks.entry(kind.clone()).or_insert_with(|| FailureStreak::new(REMIND_EVERY));
+            let Some(report) = streak.failed(now) else { continue };
+            let phase = result.error_event().unwrap_or_default();
+            let error = result.summary();
+            if report.first {
+                tracing::warn!(probe = %kind, target = %url, %phase, %error, "probe failed");
+            } else {
+                tracing::warn!(
+                    probe = %kind,
+                    target = %url,
+                    %phase,
+                    %error,
+                    failures = report.failures,
+                    unreported = report.suppressed,
+                    since = %humantime::format_duration(whole_seconds(report.since)),
+                    "probe still failing"
+                );
+            }
+        }
+        // Types no longer probed (a neighbour that left) are forgotten.
+        self.streaks.retain(|kind, _| results.iter().any(|r| r.target.kind == *kind));
+    }
+}
+
+fn whole_seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::Outcome;
+    use std::sync::mpsc;
 
-    fn kinds(config: &[&str]) -> (Vec<String>, Vec<String>) {
-        let config =
-            Config::from_flags(config.iter().copied()).expect("config");
-        let (targets, skipped) = fixed_targets(&config);
-        (targets.iter().map(|t| t.url.to_string()).collect(), skipped.iter().map(|s| s.kind.clone()).collect())
+    fn target(kind: &str) -> Arc<Target> {
+        Arc::new(Target {
+            kind: kind.into(),
+            url: format!("http://127.0.0.1/{kind}").parse().expect("url"),
+            bearer_token: false,
+            peer: None,
+        })
+    }
+
+    fn answered(target: Arc<Target>, status: u16) -> ProbeResult {
+        let mut result = ProbeResult::unobserved(target, FailedPhase::RoundTrip, String::new());
+        result.outcome = Outcome::Response { status };
+        result
+    }
+
+    #[tokio::test]
+    async fn a_panicking_probe_is_a_failed_probe_and_the_round_goes_on() {
+        let targets = [target("first"), target("crashes"), target("last")];
+        let results = probe_all(&targets, |t| async move {
+            assert_ne!(t.kind, "crashes", "a bug in a probe");
+            answered(t, 200)
+        })
+        .await;
+        let kinds: Vec<&str> = results.iter().map(|r| r.target.kind.as_str()).collect();
+        assert_eq!(kinds, ["first", "crashes", "last"], "every target has its result, in order");
+        assert!(results[0].is_ok() && results[2].is_ok());
+        assert_eq!(results[1].error_event().as_deref(), Some("round_trip_error"));
+        assert!(results[1].summary().contains("crashed"), "{}", results[1].summary());
+    }
+
+    /// Two probes that each wait (blocking their thread) for the other's signal can only
+    /// both finish when they run as separate tasks on separate worker threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_of_a_round_run_as_separate_tasks() {
+        let (to_b, from_a) = mpsc::channel::<()>();
+        let (to_a, from_b) = mpsc::channel::<()>();
+        let channels = std::sync::Mutex::new(vec![(to_b, from_b), (to_a, from_a)]);
+        let targets = [target("a"), target("b")];
+        let results = probe_all(&targets, |t| {
+            let (tell, hear) = crate::sync::lock(&channels).pop().expect("one pair per probe");
+            async move {
+                let _ = tell.send(());
+                let heard = hear.recv_timeout(Duration::from_secs(10)).is_ok();
+                answered(t, if heard { 200 } else { 504 })
+            }
+        })
+        .await;
+        assert!(results.iter().all(ProbeResult::is_ok), "a probe waited on the other: not run in parallel");
     }
 
     #[test]
-    fn unconfigured_probes_are_skipped() {
-        let (targets, skipped) = kinds(&[]);
-        assert!(targets.is_empty());
-        assert_eq!(skipped, ["api_server_direct", "api_server_dns", "me_ingress", "me_service"]);
-    }
-
-    #[test]
-    fn configured_probes_get_their_urls() {
-        let (targets, skipped) = kinds(&[
-            "--kubernetes-service-host=fd00::1",
-            "--kubernetes-service-port=6443",
-            "--ingress-url=https://nurse.example.test/",
-            "--service-url=http://kubenurse.kube-system.svc:8080",
-            "--check-api-server-dns=false",
-            "--extra-checks=dns:http://127.0.0.1:53/x",
-        ]);
-        assert_eq!(
-            targets,
-            [
-                "https://[fd00::1]:6443/version",
-                "https://nurse.example.test/alwayshappy",
-                "http://kubenurse.kube-system.svc:8080/alwayshappy",
-                "http://127.0.0.1:53/x"
-            ]
-        );
-        assert_eq!(skipped, ["api_server_dns"]);
+    fn a_streak_ends_on_recovery_or_when_its_type_is_no_longer_probed() {
+        let flaky = target("flaky");
+        let failed = ProbeResult::unobserved(flaky.clone(), FailedPhase::Connect, "refused".into());
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        for round in 0..10 {
+            log.record(std::slice::from_ref(&failed), t0 + Duration::from_secs(round * 5));
+        }
+        assert!(log.streaks["flaky"].is_failing());
+        log.record(&[answered(flaky, 200)], t0 + Duration::from_secs(60));
+        assert!(log.streaks.is_empty(), "a recovered type has no streak");
+        log.record(std::slice::from_ref(&failed), t0 + Duration::from_secs(65));
+        log.record(&[], t0 + Duration::from_secs(70));
+        assert!(log.streaks.is_empty(), "a type no longer probed is forgotten");
     }
 }

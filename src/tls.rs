@@ -21,6 +21,18 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+impl TlsError {
+    /// The file at fault, if a file is.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            TlsError::ReadCerts { path, .. } | TlsError::NoCerts { path } | TlsError::ReadKey { path, .. } => {
+                Some(path)
+            }
+            TlsError::Rustls(_) => None,
+        }
+    }
+}
+
 /// The crypto provider every TLS user in the process shares.
 pub fn provider() -> Arc<CryptoProvider> {
     // Installing the process default lets the kube client (which asks for it) agree with us;
@@ -29,38 +41,60 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-/// Client TLS for the probes: system roots, the service-account `ca.crt` (when present) and
-/// `extra_ca`; or no verification at all when `insecure`.
-pub fn client_config(
+/// The probes' two client TLS configurations.
+pub struct ProbeTls {
+    /// Verifies against the system roots, the service-account `ca.crt` (when present) and
+    /// `KUBENURSE_EXTRA_CA`, always: for the apiserver probes, which carry the bearer token.
+    pub verified: ClientConfig,
+    /// The same trust, or none at all with `KUBENURSE_INSECURE`: for every other target.
+    pub general: ClientConfig,
+}
+
+/// Client TLS for the probes. `insecure` only ever loosens [`ProbeTls::general`].
+pub fn probe_tls(service_account_ca: &Path, extra_ca: Option<&Path>, insecure: bool) -> Result<ProbeTls, TlsError> {
+    let provider = provider();
+    let verified = verifying_config(&provider, service_account_ca, extra_ca)?;
+    let general = if insecure {
+        let mut config = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config
+    } else {
+        verified.clone()
+    };
+    Ok(ProbeTls { verified, general })
+}
+
+fn verifying_config(
+    provider: &Arc<CryptoProvider>,
     service_account_ca: &Path,
     extra_ca: Option<&Path>,
-    insecure: bool,
 ) -> Result<ClientConfig, TlsError> {
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    let mut config = if insecure {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider))).with_no_client_auth()
-    } else {
-        let mut roots = RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            tracing::debug!(error = %error, "skipping unreadable system certificate");
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(error = %error, "skipping unreadable system certificate");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if service_account_ca.is_file() {
+        roots.add_parsable_certificates(read_certs(service_account_ca)?);
+    }
+    if let Some(path) = extra_ca {
+        let (added, ignored) = roots.add_parsable_certificates(read_certs(path)?);
+        if added == 0 {
+            return Err(TlsError::NoCerts { path: path.to_owned() });
         }
-        roots.add_parsable_certificates(native.certs);
-        if service_account_ca.is_file() {
-            roots.add_parsable_certificates(read_certs(service_account_ca)?);
+        if ignored > 0 {
+            tracing::warn!(path = %path.display(), ignored, "some extra CA certificates could not be parsed");
         }
-        if let Some(path) = extra_ca {
-            let (added, ignored) = roots.add_parsable_certificates(read_certs(path)?);
-            if added == 0 {
-                return Err(TlsError::NoCerts { path: path.to_owned() });
-            }
-            if ignored > 0 {
-                tracing::warn!(path = %path.display(), ignored, "some extra CA certificates could not be parsed");
-            }
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    };
+    }
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }

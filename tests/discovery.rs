@@ -1,14 +1,18 @@
 //! Neighbour discovery against a fake kube-apiserver speaking the real wire protocol:
-//! pods and nodes come and go, nodes get cordoned, the apiserver fails and recovers.
+//! pods and nodes come and go, nodes get cordoned, the apiserver fails, refuses, throttles
+//! and recovers, and discovery says so truthfully; start-up names what is broken.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::agent::{get, probed_nodes, results, start, wait_report};
 use common::fake_apiserver::{cordoned, node, pod, FakeApiServer, Fault};
 use common::targets::Target;
 use kubenurse::agent::Agent;
+use kubenurse::config::Config;
 
 const NS: &str = "kubenurse";
 const LABELS: &[(&str, &str)] = &[("app", "kubenurse")];
@@ -20,8 +24,14 @@ struct Cluster {
     agent: Agent,
 }
 
-/// Neighbour agents are plain targets on 127.0.0.11… sharing one port.
+/// Neighbour agents are plain targets on 127.0.0.11… sharing one port. Failed watches are
+/// retried after 100 ms, doubling up to 1 s, so outages clear quickly.
 async fn cluster(extra_args: &[&str]) -> Cluster {
+    cluster_with(extra_args, |_| {}).await
+}
+
+/// [`cluster`], with `prepare` run on the apiserver before the agent starts.
+async fn cluster_with(extra_args: &[&str], prepare: impl FnOnce(&FakeApiServer)) -> Cluster {
     let api = FakeApiServer::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     api.write_service_account_dir(dir.path());
@@ -49,7 +59,14 @@ async fn cluster(extra_args: &[&str]) -> Cluster {
         format!("--neighbour-port={port}"),
     ];
     args.extend(api.agent_args(dir.path()));
+    for default in ["--discovery-backoff-base=100ms", "--discovery-backoff-max=1s"] {
+        let flag = default.split('=').next().unwrap_or_default();
+        if !extra_args.iter().any(|a| a.starts_with(flag)) {
+            args.push(default.into());
+        }
+    }
     args.extend(extra_args.iter().map(|a| a.to_string()));
+    prepare(&api);
     let agent = start(&args).await;
     Cluster { api, _dir: dir, targets, agent }
 }
@@ -145,8 +162,8 @@ async fn an_apiserver_outage_keeps_the_last_neighbours_and_recovers() {
     assert!(results(&report).iter().filter(|(k, _)| k.starts_with("path_")).all(|(_, v)| v == "ok"));
 
     // Changes made while it was down arrive once it is back, without a restart.
-    c.api.set_fault(Fault::None);
     c.api.upsert_pod(pod("kubenurse-c", NS, LABELS, "node-c", "127.0.0.13", "Running"));
+    c.api.set_fault(Fault::None);
     wait_report(&c.agent, "c is discovered after recovery", |r| {
         probed_nodes(r) == ["node-a", "node-b", "node-c"] && r.neighbourhood.state == "ok"
     })
@@ -156,12 +173,15 @@ async fn an_apiserver_outage_keeps_the_last_neighbours_and_recovers() {
 
 #[tokio::test]
 async fn an_expired_watch_relists_once_and_keeps_the_set() {
+    let logs = Logs::capture();
     let c = cluster(&[]).await;
     wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
     c.api.expire_watches();
     c.api.upsert_pod(pod("kubenurse-c", NS, LABELS, "node-c", "127.0.0.13", "Running"));
     wait_report(&c.agent, "c after the re-list", |r| probed_nodes(r) == ["node-a", "node-b", "node-c"]).await;
     assert_eq!(c.api.list_calls("/pods"), 2, "one list at start, one re-list after 410");
+    // Expiry is routine, not a failure.
+    assert!(logs.lines_with(&["kubernetes watch"]).is_empty(), "{:#?}", logs.lines_with(&["kubernetes watch"]));
     c.agent.stop().await;
 }
 
@@ -204,4 +224,347 @@ async fn neighbour_limit_picks_the_ring_successors() {
         .expect("a node");
     wait_report(&c.agent, "one neighbour, the ring successor", |r| probed_nodes(r) == [nearest]).await;
     c.agent.stop().await;
+}
+
+/// Log lines of the agents started on this thread while the capture lives. One process-wide
+/// subscriber writes each line into the buffer of the thread that logged it (the tests run on
+/// current-thread runtimes, so an agent's tasks log on its test's thread); a single global
+/// subscriber keeps tracing's per-callsite caches stable across tests running in parallel.
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Arc<Mutex<Vec<u8>>>>> = const { std::cell::RefCell::new(None) };
+}
+
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|c| {
+            if let Some(buffer) = c.borrow().as_ref() {
+                buffer.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+            }
+        });
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn capture() -> Self {
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(|| ThreadWriter)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        });
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        CAPTURE.with(|c| *c.borrow_mut() = Some(buffer.clone()));
+        Logs(buffer)
+    }
+
+    /// The lines that contain every one of `words`.
+    fn lines_with(&self, words: &[&str]) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+        text.lines().filter(|l| words.iter().all(|w| l.contains(w))).map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+/// Waits (bounded) until the apiserver has seen `n` requests ending with `path_suffix`.
+async fn wait_requests(api: &FakeApiServer, path_suffix: &str, n: usize) {
+    for _ in 0..600 {
+        if api.requests_to(path_suffix).len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fewer than {n} requests to {path_suffix}: {:?}", api.requests_to(path_suffix));
+}
+
+const NODE_RBAC: &str = concat!(
+    "forbidden: the service account lacks RBAC permission to list and watch nodes cluster-wide: ",
+    r#"add a ClusterRole rule {apiGroups: [""], resources: ["nodes"], verbs: ["get","list","watch"]} bound to it"#
+);
+
+#[tokio::test]
+async fn a_forbidden_node_watch_is_reported_once_and_does_not_hide_the_neighbours() {
+    let logs = Logs::capture();
+    let c = cluster_with(&[], |api| api.set_resource_fault("nodes", Fault::Forbidden)).await;
+    let report = wait_report(&c.agent, "the refused node watch is reported", |r| {
+        r.neighbourhood.state.contains("nodes: forbidden")
+    })
+    .await;
+    assert!(report.neighbourhood.state.contains(NODE_RBAC), "{}", report.neighbourhood.state);
+    // Nodes were never listed: the pods are not filtered by them, rather than all dropped.
+    assert_eq!(probed_nodes(&report), ["node-a", "node-b"]);
+    let (status, alive) = get(c.agent.local_addr, "/alive").await;
+    assert_eq!(status, 500, "{alive}");
+    assert!(alive.contains("ClusterRole rule"), "{alive}");
+
+    // Several refused attempts, one log line (reminders come minutes apart).
+    wait_requests(&c.api, "/nodes", 3).await;
+    let lines = logs.lines_with(&["kubernetes watch failed", "ClusterRole rule", "resource=nodes"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(logs.lines_with(&["still failing"]).is_empty());
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_node_watch_shows_until_the_nodes_are_listed_again() {
+    let c = cluster(&[]).await;
+    wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
+    c.api.set_resource_fault("nodes", Fault::ServerError);
+    c.api.expire_watches(); // both watches end; pods re-list, the node watch gets 500s
+    let report = wait_report(&c.agent, "the failing node watch is reported", |r| {
+        r.neighbourhood.state.contains("nodes: watch nodes failed: 500")
+    })
+    .await;
+    assert!(!report.neighbourhood.state.contains("pods"), "the pod re-list worked: {}", report.neighbourhood.state);
+    assert_eq!(probed_nodes(&report), ["node-a", "node-b"], "the last known nodes stay in use");
+    assert_eq!(get(c.agent.local_addr, "/alive").await.0, 500);
+
+    // Back: the resumed watch is too old (410), so nodes are listed again, which clears it.
+    let lists = c.api.list_calls("/nodes");
+    c.api.set_resource_fault("nodes", Fault::None);
+    wait_report(&c.agent, "the state clears once nodes are listed", |r| r.neighbourhood.state == "ok").await;
+    assert_eq!(c.api.list_calls("/nodes"), lists + 1);
+    assert_eq!(get(c.agent.local_addr, "/alive").await.0, 200);
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn after_an_outage_the_state_clears_without_any_change_in_the_cluster() {
+    let c = cluster(&[]).await;
+    wait_report(&c.agent, "healthy", |r| probed_nodes(r) == ["node-a", "node-b"] && r.neighbourhood.state == "ok")
+        .await;
+    let lists = c.api.list_calls("/pods") + c.api.list_calls("/nodes");
+    c.api.set_fault(Fault::Outage);
+    wait_report(&c.agent, "both watches fail", |r| {
+        r.neighbourhood.state.contains("pods: ") && r.neighbourhood.state.contains("nodes: ")
+    })
+    .await;
+    // Back, and nothing changes in the cluster: no event will ever arrive, the watches
+    // simply resume and stay open.
+    c.api.set_fault(Fault::None);
+    let report = wait_report(&c.agent, "the state clears", |r| r.neighbourhood.state == "ok").await;
+    assert_eq!(probed_nodes(&report), ["node-a", "node-b"]);
+    assert_eq!(c.api.list_calls("/pods") + c.api.list_calls("/nodes"), lists, "resumed without a re-list");
+    assert!(c.api.watch_calls("/pods") >= 2 && c.api.watch_calls("/nodes") >= 2);
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn refused_lists_back_off_exponentially_and_recover_only_after_a_list() {
+    let logs = Logs::capture();
+    let c = cluster_with(&["--discovery-backoff-base=100ms", "--discovery-backoff-max=800ms"], |api| {
+        api.set_resource_fault("nodes", Fault::Forbidden);
+        let throttled = Fault::TooManyRequests { retry_after_secs: 2 };
+        let (forbidden, error) = (Fault::Forbidden, Fault::ServerError);
+        api.queue_faults("nodes", [forbidden, error, forbidden, error, forbidden, error, throttled, forbidden]);
+    })
+    .await;
+    wait_requests(&c.api, "/nodes", 9).await;
+    assert!(logs.lines_with(&["recovered"]).is_empty(), "{:#?}", logs.lines_with(&["recovered"]));
+    let requests = c.api.requests_to("/nodes");
+    assert!(requests.iter().take(9).all(|r| !r.watch && r.status != 200), "{requests:#?}");
+    let gaps: Vec<Duration> = requests.windows(2).take(8).map(|w| w[1].at - w[0].at).collect();
+    // Waits of 100, 200, 400 ms, then the 800 ms cap (each up to a quarter shorter): every
+    // wait at least doubles the one two steps before, until the cap stops the growth.
+    assert!(gaps[2] > gaps[0] * 2 && gaps[3] > gaps[1] * 2, "doubling: {gaps:?}");
+    assert!(gaps[5] < gaps[3] * 2 && gaps[7] < gaps[4] * 2, "capped: {gaps:?}");
+    // The seventh answer was 429 with Retry-After: 2, a longer wait than the cap.
+    assert!([3, 4, 5, 7].iter().all(|i| gaps[6] > gaps[*i]), "Retry-After honoured: {gaps:?}");
+
+    c.api.set_resource_fault("nodes", Fault::None);
+    wait_report(&c.agent, "nodes listed at last", |r| r.neighbourhood.state == "ok").await;
+    let recovered = logs.lines_with(&["kubernetes watch recovered"]);
+    assert_eq!(recovered.len(), 1, "{recovered:#?}");
+    assert!(recovered[0].contains("resource=nodes") && recovered[0].contains("a list completed"), "{recovered:?}");
+    assert!(c.api.requests_to("/nodes").iter().any(|r| !r.watch && r.status == 200));
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn two_agent_pods_on_one_node_are_one_neighbour_the_ready_one_then_the_newest() {
+    let c = cluster(&[]).await;
+    wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
+    // A DaemonSet surge: the new pod on node-a runs but is not Ready yet.
+    let newer = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(1);
+    let mut surge = pod("kubenurse-a-surge", NS, LABELS, "node-a", "127.0.0.14", "Running");
+    surge.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(newer));
+    let mut unready = surge.clone();
+    let conditions = unready.status.as_mut().and_then(|s| s.conditions.as_mut()).expect("conditions");
+    conditions[0].status = "False".into();
+    c.api.upsert_pod(unready);
+    let chosen = |r: &kubenurse::scheduler::RoundReport| {
+        let on_a: Vec<&str> = r
+            .neighbourhood
+            .neighbours
+            .iter()
+            .filter(|n| n.node_name == "node-a")
+            .map(|n| n.pod_name.as_str())
+            .collect();
+        on_a.join(",")
+    };
+    let report = wait_report(&c.agent, "the surge pod is known", |r| {
+        c.api.watch_calls("/pods") > 0 && r.neighbourhood.neighbours.len() == 2 && chosen(r) == "kubenurse-a"
+    })
+    .await;
+    assert_eq!(probed_nodes(&report), ["node-a", "node-b"], "one probe per node");
+
+    // Once Ready, the newer pod takes over.
+    c.api.upsert_pod(surge);
+    let report = wait_report(&c.agent, "the newest Ready pod is chosen", |r| chosen(r) == "kubenurse-a-surge").await;
+    assert_eq!(probed_nodes(&report), ["node-a", "node-b"]);
+    assert_eq!(results(&report).get("path_node-a").map(String::as_str), Some("ok"));
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_own_node_is_said_at_start_and_in_alive() {
+    let logs = Logs::capture();
+    let c = cluster_with(&[], |api| assert!(api.delete_pod(NS, "kubenurse-self"))).await;
+    let report =
+        wait_report(&c.agent, "the unknown node is reported", |r| r.neighbourhood.state.contains("own node unknown"))
+            .await;
+    let state = &report.neighbourhood.state;
+    assert!(state.contains("kubenurse-self") && state.contains("KUBENURSE_NODE_NAME is not set"), "{state}");
+    assert_eq!(report.neighbourhood.own_node, None);
+    let (status, alive) = get(c.agent.local_addr, "/alive").await;
+    assert_eq!(status, 500);
+    assert!(alive.contains("own node unknown"), "{alive}");
+    assert_eq!(logs.lines_with(&["the own node is unknown", "KUBENURSE_NODE_NAME"]).len(), 1);
+
+    // The own pod appears (it was not scheduled yet): all is well.
+    c.api.upsert_pod(pod("kubenurse-self", NS, LABELS, "node-self", "127.0.0.10", "Running"));
+    let report = wait_report(&c.agent, "the own node is known", |r| r.neighbourhood.state == "ok").await;
+    assert_eq!(report.neighbourhood.own_node.as_deref(), Some("node-self"));
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn without_neighbour_probes_the_own_node_is_still_watched_for_ready() {
+    for node_name in [None, Some("--node-name=node-self")] {
+        let args: Vec<&str> = ["--check-neighbourhood=false"].into_iter().chain(node_name).collect();
+        let c = cluster(&args).await;
+        let report = wait_report(&c.agent, "first round", |r| r.number >= 1).await;
+        assert!(probed_nodes(&report).is_empty());
+        let addr = c.agent.local_addr;
+        assert!(eventually_ready(addr, 200).await);
+        c.api.upsert_node(cordoned(node("node-self")));
+        assert!(eventually_ready(addr, 503).await, "cordoned own node must make /ready 503 ({node_name:?})");
+        c.api.upsert_node(node("node-self"));
+        assert!(eventually_ready(addr, 200).await);
+
+        // Only the own node, and only the own pod when the node name had to be read from it.
+        let nodes = c.api.requests_to("/nodes");
+        assert!(!nodes.is_empty() && nodes.iter().all(|r| r.query.contains("metadata.name%3Dnode-self")), "{nodes:#?}");
+        let pods = c.api.requests_to("/pods");
+        match node_name {
+            None => assert!(
+                !pods.is_empty() && pods.iter().all(|r| r.query.contains("metadata.name%3Dkubenurse-self")),
+                "{pods:#?}"
+            ),
+            Some(_) => assert!(pods.is_empty(), "{pods:#?}"),
+        }
+        c.agent.stop().await;
+    }
+}
+
+/// A config for an in-cluster agent talking to `api` with the service account in `dir`.
+fn in_cluster_config(api: &FakeApiServer, dir: &std::path::Path) -> Config {
+    let mut args = vec!["--listen-addr=127.0.0.10:0".to_owned()];
+    args.extend(api.agent_args(dir));
+    Config::from_flags(args).expect("config")
+}
+
+async fn start_error(config: Config) -> String {
+    match Agent::start(config).await {
+        Ok(agent) => {
+            agent.stop().await;
+            panic!("the agent started")
+        }
+        Err(e) => {
+            assert!(e.is_config(), "{e}");
+            e.to_string()
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_broken_service_account_mount_is_named_at_start() {
+    let api = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    api.write_service_account_dir(dir.path());
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n").expect("write");
+    let error = start_error(in_cluster_config(&api, dir.path())).await;
+    assert!(error.contains(&ca.display().to_string()) && !error.contains("KUBENURSE_EXTRA_CA"), "{error}");
+
+    api.write_service_account_dir(dir.path());
+    let token = dir.path().join("token");
+    std::fs::remove_file(&token).expect("remove token");
+    let error = start_error(in_cluster_config(&api, dir.path())).await;
+    assert!(error.contains(&token.display().to_string()), "{error}");
+    assert!(error.starts_with("KUBENURSE_SERVICE_ACCOUNT_DIR="), "{error}");
+}
+
+#[tokio::test]
+async fn kubeconfig_lists_several_files_and_they_are_merged_as_kubectl_does() {
+    let c = cluster(&[]).await; // provides the pods, nodes and neighbour targets
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, &c.api.ca_pem).expect("write ca");
+    // The first file names the context; the cluster, user and context come from the second.
+    let first = dir.path().join("first.yaml");
+    std::fs::write(&first, "apiVersion: v1\nkind: Config\ncurrent-context: fake\n").expect("write");
+    let second = dir.path().join("second.yaml");
+    let second_yaml = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: elsewhere\n\
+         clusters:\n- name: fake\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+         users:\n- name: nurse\n  user:\n    token: {}\n\
+         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nurse\n    namespace: {NS}\n",
+        c.api.url(),
+        ca.display(),
+        c.api.token()
+    );
+    std::fs::write(&second, second_yaml).expect("write");
+    let missing = dir.path().join("missing.yaml");
+    let paths = std::env::join_paths([&missing, &first, &second]).expect("paths");
+    let port = c.targets[0].addr.port();
+    let agent = start(&[
+        "--listen-addr=127.0.0.10:0".into(),
+        "--check-interval=200ms".into(),
+        "--neighbour-filter=app=kubenurse".into(),
+        "--pod-name=kubenurse-self".into(),
+        format!("--neighbour-port={port}"),
+        format!("--kubeconfig={}", paths.to_string_lossy()),
+    ])
+    .await;
+    wait_report(&agent, "neighbours found through the merged kubeconfig", |r| {
+        probed_nodes(r) == ["node-a", "node-b"] && r.neighbourhood.state == "ok"
+    })
+    .await;
+    agent.stop().await;
+    c.agent.stop().await;
+
+    let nowhere = std::env::join_paths([&missing, &dir.path().join("gone.yaml")]).expect("paths");
+    let config = Config::from_flags([
+        "--listen-addr=127.0.0.10:0".to_owned(),
+        format!("--kubeconfig={}", nowhere.to_string_lossy()),
+    ])
+    .expect("config");
+    let error = start_error(config).await;
+    assert!(error.starts_with("KUBECONFIG=") && error.contains("none of these files exists"), "{error}");
 }

@@ -160,7 +160,7 @@ async fn tls_agents_serve_https_and_probe_each_other_over_it() {
         .await;
         let probe = report.results.iter().find(|p| p.target.kind.starts_with("path_")).expect("path probe");
         assert_eq!(probe.target.url.scheme_str(), Some("https"));
-        assert!(probe.event(kubenurse::phase::Event::TlsHandshakeDone).is_some());
+        assert!(probe.event(kubenurse::probe::Event::TlsHandshakeDone).is_some());
     }
     for agent in agents {
         agent.stop().await;

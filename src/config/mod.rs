@@ -55,6 +55,19 @@ pub struct DemoArgs {
     pub rounds: u64,
 }
 
+/// Where neighbours come from (`KUBENURSE_DISCOVERY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryMode {
+    /// The endpoints of the agents' Service, minus pods on cordoned nodes.
+    #[value(name = "endpointslices")]
+    EndpointSlices,
+    /// The agent pods and every node, as the Go agent watches them.
+    Pods,
+}
+
+/// The longest default discovery jitter, whatever the check interval.
+const MAX_DEFAULT_JITTER: Duration = Duration::from_secs(60);
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -186,6 +199,19 @@ pub struct Config {
     /// Longest wait between two failed Kubernetes lists or watches.
     #[arg(long, env = "KUBENURSE_DISCOVERY_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
     pub discovery_backoff_max: Duration,
+    /// Where neighbours come from in a cluster: the EndpointSlices of the agents' Service
+    /// (`endpointslices`), or the pods and nodes as the Go agent reads them (`pods`).
+    #[arg(long, env = "KUBENURSE_DISCOVERY", value_enum, default_value = "endpointslices")]
+    pub discovery: DiscoveryMode,
+    /// The agents' Service, in the agent's own namespace, whose EndpointSlices list the
+    /// neighbours (`KUBENURSE_DISCOVERY=endpointslices`).
+    #[arg(long, env = "KUBENURSE_NEIGHBOUR_SERVICE", default_value = "kubenurse")]
+    pub neighbour_service: String,
+    /// Discovery starts after a random delay of up to this long, so that the agents of a
+    /// rollout do not all list at once; 0s starts at once [default: the check interval, at
+    /// most 1m].
+    #[arg(long, env = "KUBENURSE_DISCOVERY_JITTER", value_parser = parse_duration)]
+    pub discovery_jitter: Option<Duration>,
     /// Log format.
     #[arg(long, env = "KUBENURSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -317,6 +343,7 @@ impl Config {
                 "must not be shorter than KUBENURSE_DISCOVERY_BACKOFF_BASE",
             ));
         }
+        check_label("KUBENURSE_NEIGHBOUR_SERVICE", &self.neighbour_service)?;
         if self.use_tls {
             for (variable, value) in [("KUBENURSE_CERT_FILE", &self.cert_file), ("KUBENURSE_CERT_KEY", &self.cert_key)]
             {
@@ -356,6 +383,11 @@ impl Config {
     /// The port probed on neighbours.
     pub fn effective_neighbour_port(&self) -> u16 {
         self.neighbour_port.unwrap_or(if self.use_tls { 8443 } else { 8080 })
+    }
+
+    /// The longest random delay before discovery starts.
+    pub fn discovery_jitter(&self) -> Duration {
+        self.discovery_jitter.unwrap_or(self.check_interval.min(MAX_DEFAULT_JITTER))
     }
 
     /// The extra checks, empty when none are configured.
@@ -398,6 +430,19 @@ fn check_name(variable: &str, name: &str) -> Result<(), ConfigError> {
             name,
             "not a Kubernetes object name (lowercase letters, digits, '-', '.')",
         ));
+    }
+    Ok(())
+}
+
+/// A Service name: a DNS label (lowercase letters, digits and '-', at most 63 characters).
+fn check_label(variable: &str, name: &str) -> Result<(), ConfigError> {
+    let edges_ok = !name.starts_with('-') && !name.ends_with('-');
+    if name.is_empty()
+        || name.len() > 63
+        || !edges_ok
+        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ConfigError::new(variable, name, "not a Service name (a DNS label: lowercase letters, digits, '-')"));
     }
     Ok(())
 }
@@ -701,6 +746,36 @@ mod tests {
             parse_env(&[], &[("KUBENURSE_DISCOVERY_BACKOFF_BASE", "10s"), ("KUBENURSE_DISCOVERY_BACKOFF_MAX", "1s")])
                 .expect_err("max below base");
         assert!(err.contains("KUBENURSE_DISCOVERY_BACKOFF_MAX"), "{err}");
+    }
+
+    #[test]
+    fn discovery_defaults_to_endpointslices_with_a_jitter_of_one_interval() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.discovery, DiscoveryMode::EndpointSlices);
+        assert_eq!(c.neighbour_service, "kubenurse");
+        assert_eq!(c.discovery_jitter(), Duration::from_secs(5), "the check interval");
+        let c = parse(&["--check-interval=1h"]).expect("valid");
+        assert_eq!(c.discovery_jitter(), Duration::from_secs(60), "at most a minute by default");
+        let c = parse_env(
+            &[],
+            &[
+                ("KUBENURSE_DISCOVERY", "pods"),
+                ("KUBENURSE_NEIGHBOUR_SERVICE", "nurse-2"),
+                ("KUBENURSE_DISCOVERY_JITTER", "0s"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!((c.discovery, c.neighbour_service.as_str()), (DiscoveryMode::Pods, "nurse-2"));
+        assert_eq!(c.discovery_jitter(), Duration::ZERO);
+        for (variable, value) in [
+            ("KUBENURSE_DISCOVERY", "endpoints"),
+            ("KUBENURSE_NEIGHBOUR_SERVICE", "Kubenurse"),
+            ("KUBENURSE_NEIGHBOUR_SERVICE", "kube.nurse"),
+            ("KUBENURSE_DISCOVERY_JITTER", "soon"),
+        ] {
+            let err = parse_env(&[], &[(variable, value)]).expect_err(value);
+            assert!(err.contains(variable) && !err.contains('\n'), "{err}");
+        }
     }
 
     #[test]

@@ -13,9 +13,11 @@ mod spans;
 pub use otlp::{metric_reader, tracer_provider, PushReader, TelemetryError};
 pub use spans::ProbeSpans;
 
-/// The OpenTelemetry SDK reports export failures through its own logs every interval; the
-/// agent summarises them itself (see `otlp`), so the SDK's are off unless `RUST_LOG` asks.
-const QUIET_SDK: &str = "opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,opentelemetry_prometheus=off";
+/// The OpenTelemetry SDK reports export failures through its own logs every interval, and
+/// kube logs every refused or failed request of a watch; the agent summarises both itself
+/// (see `otlp` and `discovery`), rate-limited, so theirs are off unless `RUST_LOG` asks.
+const QUIET_SDK: &str = "opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,opentelemetry_prometheus=off,\
+kube_runtime::watcher=error,kube_client::client::builder=off";
 
 /// Installs the log subscriber: `RUST_LOG` filtering (else `default_level`), text or JSON lines.
 pub fn init_logging(format: LogFormat, default_level: &str) {

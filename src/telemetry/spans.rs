@@ -16,7 +16,7 @@ use opentelemetry::trace::{Span, SpanKind, Status, Tracer, TracerProvider};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
-use crate::phase::{Outcome, ProbeResult};
+use crate::probe::{Outcome, ProbeResult};
 use crate::sync::lock;
 
 /// How often a target whose condition does not change exports a span again.

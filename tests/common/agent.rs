@@ -5,8 +5,14 @@ use std::time::Duration;
 use kubenurse::agent::Agent;
 use kubenurse::config::Config;
 
-/// Starts an agent from command-line style arguments (no environment involved).
+/// Starts an agent from command-line style arguments (no environment involved). Unless the
+/// test names its own DNS server, lookups go to a closed loopback port, so no test can send a
+/// query to the machine's resolver (names in /etc/hosts, such as `localhost`, still resolve).
 pub async fn start(args: &[String]) -> Agent {
+    let mut args = args.to_vec();
+    if !args.iter().any(|a| a.starts_with("--dns-servers")) {
+        args.push("--dns-servers=127.0.0.1:1".into());
+    }
     let config = Config::from_flags(args.iter().cloned()).unwrap_or_else(|e| panic!("test config {args:?}: {e}"));
     Agent::start(config).await.unwrap_or_else(|e| panic!("agent start: {e}"))
 }

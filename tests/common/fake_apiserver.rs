@@ -2,22 +2,49 @@
 //!
 //! It speaks enough of the real wire protocol (HTTPS with its own CA, bearer
 //! tokens, `Status` error bodies, paginated LIST over consistent snapshots,
-//! chunked WATCH resuming from a resourceVersion, 410 `Expired`, label and
-//! field selectors) that the real `kube::Client` and `kube::runtime::watcher`
-//! work against it. Only core/v1 Pods and Nodes are served, read-only.
+//! chunked WATCH resuming from a resourceVersion, bookmarks, 410 `Expired`, label
+//! and field selectors, streaming lists) that the real `kube::Client` and
+//! `kube::runtime::watcher` work against it. Served, read-only: core/v1 Pods and
+//! Nodes, and `discovery.k8s.io/v1` EndpointSlices.
+//!
+//! EndpointSlices are derived from the pods, as the EndpointSlice controller derives
+//! them, for each Service the fake knows (`upsert_service`; from the start, Service
+//! `kubenurse` in namespace `kubenurse` selecting the agent pods as the tests label
+//! them: `app=kubenurse` or `app.kubernetes.io/name=kubenurse`, which no real Service
+//! selector can say). One endpoint per pod and address family for every pod that has
+//! an IP and has not finished; `ready` from the pod's Ready condition (false while
+//! terminating), `serving` from Ready, `terminating` from `deletionTimestamp`;
+//! `nodeName`, `zone` from the node's `topology.kubernetes.io/zone` label, `targetRef`
+//! naming the pod. One set of slices per address family, at most 100 endpoints each
+//! (`set_max_endpoints_per_slice`), labelled `kubernetes.io/service-name`; an endpoint
+//! stays in its slice while its pod lives, as the controller keeps it. A real
+//! apiserver rejects loopback addresses (127.0.0.0/8, ::1) in EndpointSlices (and
+//! Endpoints): the fake serves what a real one never would, so that agents on
+//! 127.0.0.x can find each other through it. Real clusters never have loopback pod IPs.
+//!
+//! Streaming lists (a watch with `sendInitialEvents=true`) are refused with 422 by
+//! default, as by a Kubernetes 1.33 apiserver (the version it reports) with the
+//! `WatchList` feature gate off, its default; `set_streaming_lists(Accepted)` serves
+//! them as 1.32 and 1.34 do: the initial ADDED events, then a BOOKMARK annotated
+//! `k8s.io/initial-events-end: "true"`, then the changes.
 //!
 //! Tests mutate state synchronously (`upsert_pod`, `delete_node`, ...). Every
 //! mutation gets a new global resourceVersion and is appended to an in-memory
 //! history that watches replay from until `expire_watches()` compacts it.
-//! `set_fault` simulates an unreliable control plane; the request log and
-//! `response_bytes()` let tests assert on how much the apiserver was used.
+//! EndpointSlices follow on the next request or watch wake-up after a change, each
+//! change to a slice with a resourceVersion of its own.
+//! `set_fault` simulates an unreliable control plane, `set_resource_fault` and
+//! `queue_faults` a single resource refused (missing RBAC, errors, throttling with
+//! `Retry-After`); the request log (with arrival instants, for the gaps a client leaves
+//! between retries), `response_bytes()` and `peak_concurrent_lists()` let tests assert on
+//! how the apiserver was used.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +54,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{ContainerImage, Node, Pod, Taint};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +71,22 @@ const CONTINUE_EXPIRED: &str = "The provided continue parameter is too old to di
     consistent list result.";
 /// The real apiserver picks 30-60 min when the client sends no timeoutSeconds.
 const DEFAULT_WATCH_TIMEOUT: u64 = 1800;
+/// The EndpointSlice controller's default `--max-endpoints-per-slice`.
+const MAX_ENDPOINTS_PER_SLICE: usize = 100;
+/// Initial watch events are read from the state in batches of this many objects.
+const INITIAL_BATCH: usize = 100;
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
+
+/// How the fake answers a streaming list (a watch with `sendInitialEvents=true`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamingLists {
+    /// 422 Invalid, as a 1.27–1.33 apiserver with the `WatchList` feature gate off.
+    #[default]
+    Refused,
+    /// Served, as a 1.32 or 1.34+ apiserver.
+    Accepted,
+}
 
 /// Injected control-plane failure mode, see [`FakeApiServer::set_fault`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,6 +100,9 @@ pub enum Fault {
     Forbidden,
     /// Authenticated requests get 500 InternalError.
     ServerError,
+    /// Authenticated requests get 429 with `Retry-After` and a plain-text body, as API
+    /// Priority and Fairness rejects them.
+    TooManyRequests { retry_after_secs: u64 },
 }
 
 /// One served request (requests cut by `Fault::Outage` are not logged).
@@ -67,12 +114,17 @@ pub struct RequestRecord {
     pub query: String,
     pub watch: bool,
     pub status: u16,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 /// A served resource type.
 struct Res {
     plural: &'static str,
     kind: &'static str,
+    /// "" for the core group.
+    group: &'static str,
+    api_version: &'static str,
     /// Field labels the real apiserver accepts in field selectors.
     fields: &'static str,
 }
@@ -80,11 +132,35 @@ struct Res {
 const PODS: Res = Res {
     plural: "pods",
     kind: "Pod",
+    group: "",
+    api_version: "v1",
     fields: "metadata.name metadata.namespace spec.nodeName spec.restartPolicy \
         spec.schedulerName spec.serviceAccountName spec.hostNetwork status.phase status.podIP \
         status.nominatedNodeName",
 };
-const NODES: Res = Res { plural: "nodes", kind: "Node", fields: "metadata.name metadata.namespace spec.unschedulable" };
+const NODES: Res = Res {
+    plural: "nodes",
+    kind: "Node",
+    group: "",
+    api_version: "v1",
+    fields: "metadata.name metadata.namespace spec.unschedulable",
+};
+const ENDPOINT_SLICES: Res = Res {
+    plural: "endpointslices",
+    kind: "EndpointSlice",
+    group: "discovery.k8s.io",
+    api_version: "discovery.k8s.io/v1",
+    fields: "metadata.name metadata.namespace",
+};
+
+fn resource(plural: &str) -> &'static Res {
+    match plural {
+        "pods" => &PODS,
+        "nodes" => &NODES,
+        "endpointslices" => &ENDPOINT_SLICES,
+        other => panic!("the fake apiserver serves pods, nodes and endpointslices, not {other}"),
+    }
+}
 
 /// (plural, namespace, name): ordered like etcd keys, which fixes LIST order.
 type Key = (&'static str, String, String);
@@ -101,7 +177,6 @@ struct Change {
     deleted: bool,
 }
 
-#[derive(Default)]
 struct State {
     rv: u64,
     /// Watches and continue tokens older than this get 410 Expired.
@@ -109,7 +184,50 @@ struct State {
     objects: BTreeMap<Key, Value>,
     history: Vec<Change>,
     fault: Fault,
+    /// Faults of one resource ("pods", "nodes", "endpointslices"), ahead of the global one.
+    resource_faults: HashMap<&'static str, ResourceFault>,
     requests: Vec<RequestRecord>,
+    /// (namespace, name) → the Service whose EndpointSlices are derived.
+    services: BTreeMap<(String, String), Service>,
+    /// Pods, nodes or Services changed since the slices were derived.
+    slices_stale: bool,
+    max_endpoints_per_slice: usize,
+    streaming: StreamingLists,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        let agents = |key: &str| BTreeMap::from([(key.to_string(), "kubenurse".to_string())]);
+        let service = Service { uid: new_uid(), selectors: vec![agents("app"), agents("app.kubernetes.io/name")] };
+        Self {
+            rv: 0,
+            compacted: 0,
+            objects: BTreeMap::new(),
+            history: Vec::new(),
+            fault: Fault::None,
+            resource_faults: HashMap::new(),
+            requests: Vec::new(),
+            services: BTreeMap::from([((SA_NAMESPACE.to_string(), "kubenurse".to_string()), service)]),
+            slices_stale: false,
+            max_endpoints_per_slice: MAX_ENDPOINTS_PER_SLICE,
+            streaming: StreamingLists::default(),
+        }
+    }
+}
+
+/// A Service, as far as its EndpointSlices need: it selects the pods that match any of
+/// its selectors (a real Service has exactly one).
+struct Service {
+    uid: String,
+    selectors: Vec<BTreeMap<String, String>>,
+}
+
+/// The fault of one resource: queued faults answer the next requests, one each, then the
+/// standing one applies.
+#[derive(Default)]
+struct ResourceFault {
+    standing: Fault,
+    queued: VecDeque<Fault>,
 }
 
 impl State {
@@ -125,6 +243,181 @@ impl State {
         snap.retain(|key, _| key.0 == plural);
         snap
     }
+
+    /// Creates or updates, keeping uid/creationTimestamp. Like the real apiserver, an
+    /// update that changes nothing is a no-op (no resourceVersion, no event). Returns the
+    /// new resourceVersion, if any.
+    fn put(&mut self, key: Key, mut obj: Value) -> Option<u64> {
+        let prev = self.objects.get(&key).cloned();
+        let meta = obj["metadata"].as_object_mut().expect("metadata");
+        if let Some(prev) = &prev {
+            for field in ["uid", "creationTimestamp", "resourceVersion"] {
+                if let Some(value) = prev["metadata"].get(field) {
+                    meta.insert(field.to_string(), value.clone());
+                }
+            }
+            if *prev == obj {
+                return None;
+            }
+        } else {
+            meta.entry("uid").or_insert_with(|| new_uid().into());
+            meta.entry("creationTimestamp").or_insert_with(|| now_rfc3339().into());
+        }
+        Some(self.record(key, prev, obj, false))
+    }
+
+    /// Deletes; returns the deletion's resourceVersion if the object existed.
+    fn remove(&mut self, key: &Key) -> Option<u64> {
+        let prev = self.objects.remove(key)?;
+        let obj = prev.clone();
+        Some(self.record(key.clone(), Some(prev), obj, true))
+    }
+
+    /// Gives a change the next resourceVersion and records it.
+    fn record(&mut self, key: Key, prev: Option<Value>, mut obj: Value, deleted: bool) -> u64 {
+        self.rv += 1;
+        let rv = self.rv;
+        set_rv(&mut obj, rv);
+        if key.0 != "endpointslices" {
+            self.slices_stale = true;
+        }
+        if !deleted {
+            self.objects.insert(key.clone(), obj.clone());
+        }
+        self.history.push(Change { rv, key, prev, obj, deleted });
+        rv
+    }
+
+    /// Brings the EndpointSlices up to date with the pods, nodes and Services, as the
+    /// EndpointSlice controller would; returns the latest resourceVersion if anything changed.
+    fn sync_slices(&mut self) -> Option<u64> {
+        if !self.slices_stale {
+            return None;
+        }
+        self.slices_stale = false;
+        let mut desired: BTreeMap<Key, Value> = BTreeMap::new();
+        for ((ns, name), service) in &self.services {
+            desired.extend(self.service_slices(ns, name, service));
+        }
+        let stale: Vec<Key> =
+            self.objects.keys().filter(|k| k.0 == "endpointslices" && !desired.contains_key(*k)).cloned().collect();
+        let mut changed = None;
+        for key in stale {
+            changed = self.remove(&key).or(changed);
+        }
+        for (key, obj) in desired {
+            changed = self.put(key, obj).or(changed);
+        }
+        self.slices_stale = false;
+        changed
+    }
+
+    /// The slices Service `ns/name` should have: each endpoint stays in the slice that
+    /// holds it, new ones fill slices with room, then new slices.
+    fn service_slices(&self, ns: &str, name: &str, service: &Service) -> Vec<(Key, Value)> {
+        let mut families: [BTreeMap<String, Value>; 2] = Default::default();
+        for ((plural, pod_ns, pod_name), pod) in &self.objects {
+            if *plural != "pods" || pod_ns != ns || !service.selects(pod) {
+                continue;
+            }
+            let phase = str_at(pod, "/status/phase").unwrap_or_default();
+            if matches!(phase, "Succeeded" | "Failed") {
+                continue;
+            }
+            for ip in pod_ips(pod) {
+                let endpoint = self.endpoint(ns, pod_name, pod, &ip);
+                families[usize::from(ip.contains(':'))].insert(pod_name.clone(), endpoint);
+            }
+        }
+        let mut out = Vec::new();
+        for (family, mut endpoints) in families.into_iter().enumerate() {
+            let (address_type, prefix) = [("IPv4", "ipv4"), ("IPv6", "ipv6")][family];
+            // Existing slices of this Service and family, by name, with their pods still wanted.
+            let mut slices: Vec<(String, Vec<Value>)> = Vec::new();
+            for ((plural, slice_ns, slice_name), slice) in &self.objects {
+                let mine = *plural == "endpointslices"
+                    && slice_ns == ns
+                    && str_at(slice, &format!("/metadata/labels/{}", SERVICE_NAME_LABEL.replace('/', "~1")))
+                        == Some(name)
+                    && str_at(slice, "/addressType") == Some(address_type);
+                if !mine {
+                    continue;
+                }
+                let kept = slice["endpoints"].as_array().into_iter().flatten();
+                let kept = kept.filter_map(|e| endpoints.remove(str_at(e, "/targetRef/name")?));
+                slices.push((slice_name.clone(), kept.collect()));
+            }
+            for (_, endpoint) in endpoints {
+                let max = self.max_endpoints_per_slice;
+                match slices.iter_mut().find(|(_, e)| e.len() < max) {
+                    Some((_, e)) => e.push(endpoint),
+                    None => {
+                        let taken = |n: &String| slices.iter().any(|(s, _)| s == n);
+                        let slice_name = (0..).map(|i| format!("{name}-{prefix}-{i}")).find(|n| !taken(n));
+                        slices.push((slice_name.expect("a free name"), vec![endpoint]));
+                    }
+                }
+            }
+            for (slice_name, endpoints) in slices.into_iter().filter(|(_, e)| !e.is_empty()) {
+                let labels = json!({ SERVICE_NAME_LABEL: name,
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io" });
+                let owner = json!([{ "apiVersion": "v1", "kind": "Service", "name": name, "uid": service.uid,
+                    "controller": true, "blockOwnerDeletion": true }]);
+                let slice = json!({
+                    "apiVersion": ENDPOINT_SLICES.api_version, "kind": ENDPOINT_SLICES.kind,
+                    "metadata": { "name": slice_name, "namespace": ns, "generateName": format!("{name}-"),
+                        "labels": labels, "ownerReferences": owner },
+                    "addressType": address_type,
+                    "endpoints": endpoints,
+                    "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+                });
+                out.push((("endpointslices", ns.to_string(), slice_name), slice));
+            }
+        }
+        out
+    }
+
+    /// The endpoint of `pod` at `ip`.
+    fn endpoint(&self, ns: &str, name: &str, pod: &Value, ip: &str) -> Value {
+        let ready = pod
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|c| str_at(c, "/type") == Some("Ready") && str_at(c, "/status") == Some("True"));
+        let terminating = pod.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null());
+        let mut endpoint = json!({
+            "addresses": [ip],
+            "conditions": { "ready": ready && !terminating, "serving": ready, "terminating": terminating },
+            "targetRef": { "kind": "Pod", "namespace": ns, "name": name,
+                "uid": str_at(pod, "/metadata/uid").unwrap_or_default() },
+        });
+        if let Some(node) = str_at(pod, "/spec/nodeName") {
+            endpoint["nodeName"] = node.into();
+            let node = self.objects.get(&("nodes", String::new(), node.to_string()));
+            if let Some(zone) = node.and_then(|n| str_at(n, "/metadata/labels/topology.kubernetes.io~1zone")) {
+                endpoint["zone"] = zone.into();
+            }
+        }
+        endpoint
+    }
+}
+
+impl Service {
+    fn selects(&self, pod: &Value) -> bool {
+        let label = |k: &str| pod.pointer("/metadata/labels").and_then(|l| l.get(k)?.as_str());
+        self.selectors.iter().any(|s| s.iter().all(|(k, v)| label(k) == Some(v.as_str())))
+    }
+}
+
+/// `status.podIPs`, or `status.podIP`.
+fn pod_ips(pod: &Value) -> Vec<String> {
+    let listed = pod.pointer("/status/podIPs").and_then(Value::as_array).into_iter().flatten();
+    let mut ips: Vec<String> = listed.filter_map(|p| str_at(p, "/ip")).map(str::to_string).collect();
+    if ips.is_empty() {
+        ips.extend(str_at(pod, "/status/podIP").filter(|ip| !ip.is_empty()).map(str::to_string));
+    }
+    ips
 }
 
 /// Broadcast to connections and watch streams: a `conn_epoch` bump cuts every
@@ -140,12 +433,42 @@ struct Shared {
     state: Mutex<State>,
     signal: watch::Sender<Signal>,
     bytes: AtomicU64,
+    /// Lists being answered now (a paginated LIST until its body is sent, a streaming list
+    /// until its initial-events-end bookmark), and the most at once.
+    lists: AtomicUsize,
+    peak_lists: AtomicUsize,
     token: String,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The state with the EndpointSlices brought up to date (watchers woken if they changed).
+    fn lock_synced(&self) -> MutexGuard<'_, State> {
+        let mut st = self.lock();
+        if let Some(rv) = st.sync_slices() {
+            self.signal.send_modify(|s| s.rv = rv);
+        }
+        st
+    }
+}
+
+/// One list in flight, for `peak_concurrent_lists`.
+struct ListGuard(Arc<Shared>);
+
+impl ListGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        let now = shared.lists.fetch_add(1, Relaxed) + 1;
+        shared.peak_lists.fetch_max(now, Relaxed);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for ListGuard {
+    fn drop(&mut self) {
+        self.0.lists.fetch_sub(1, Relaxed);
     }
 }
 
@@ -176,6 +499,8 @@ impl FakeApiServer {
             state: Mutex::default(),
             signal: watch::Sender::new(Signal::default()),
             bytes: AtomicU64::new(0),
+            lists: AtomicUsize::new(0),
+            peak_lists: AtomicUsize::new(0),
             token,
         });
         let acceptor = TlsAcceptor::from(tls);
@@ -232,6 +557,42 @@ impl FakeApiServer {
     pub fn upsert_pod(&self, pod: Pod) {
         self.upsert(&PODS, serde_json::to_value(pod).expect("serialize Pod"));
     }
+    /// Creates or replaces Service `ns/name` selecting the pods labelled `selector`; its
+    /// EndpointSlices follow.
+    pub fn upsert_service(&self, ns: &str, name: &str, selector: &[(&str, &str)]) {
+        let selector = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut st = self.shared.lock();
+        let key = (ns.to_string(), name.to_string());
+        let uid = st.services.get(&key).map_or_else(new_uid, |s| s.uid.clone());
+        st.services.insert(key, Service { uid, selectors: vec![selector] });
+        st.slices_stale = true;
+        drop(st);
+        self.shared.lock_synced();
+    }
+    /// Deletes Service `ns/name`, and with it its EndpointSlices.
+    pub fn delete_service(&self, ns: &str, name: &str) {
+        let mut st = self.shared.lock();
+        st.services.remove(&(ns.to_string(), name.to_string()));
+        st.slices_stale = true;
+        drop(st);
+        self.shared.lock_synced();
+    }
+    /// The EndpointSlices of namespace `ns` now, by name.
+    pub fn endpoint_slices(&self, ns: &str) -> Vec<EndpointSlice> {
+        let st = self.shared.lock_synced();
+        let slices = st.objects.iter().filter(|(k, _)| k.0 == "endpointslices" && k.1 == ns);
+        slices.map(|(_, s)| serde_json::from_value(s.clone()).expect("stored slice deserializes")).collect()
+    }
+    /// Endpoints per slice from now on (the controller's `--max-endpoints-per-slice`).
+    pub fn set_max_endpoints_per_slice(&self, max: usize) {
+        let mut st = self.shared.lock();
+        st.max_endpoints_per_slice = max.max(1);
+        st.slices_stale = true;
+    }
+    /// Whether streaming lists are served (by default they are refused, as by a default 1.33).
+    pub fn set_streaming_lists(&self, streaming: StreamingLists) {
+        self.shared.lock().streaming = streaming;
+    }
     pub fn upsert_node(&self, node: Node) {
         self.upsert(&NODES, serde_json::to_value(node).expect("serialize Node"));
     }
@@ -249,9 +610,9 @@ impl FakeApiServer {
     pub fn get_node(&self, name: &str) -> Option<Node> {
         self.get(("nodes", String::new(), name.to_string()))
     }
-    /// The current global resourceVersion.
+    /// The current global resourceVersion (after the slices caught up).
     pub fn resource_version(&self) -> u64 {
-        self.shared.lock().rv
+        self.shared.lock_synced().rv
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: Key) -> Option<T> {
@@ -259,8 +620,7 @@ impl FakeApiServer {
         Some(serde_json::from_value(obj).expect("stored object deserializes"))
     }
 
-    /// Create or update, keeping uid/creationTimestamp. Like the real apiserver,
-    /// an update that changes nothing is a no-op (no resourceVersion, no event).
+    /// Create or update (see [`State::put`]), then wake watchers.
     fn upsert(&self, res: &Res, mut obj: Value) {
         let name = str_at(&obj, "/metadata/name").expect("metadata.name").to_string();
         let mut ns = String::new();
@@ -268,47 +628,20 @@ impl FakeApiServer {
             ns = str_at(&obj, "/metadata/namespace").unwrap_or("default").to_string();
             obj["metadata"]["namespace"] = ns.clone().into();
         }
-        let key = (res.plural, ns, name);
-        let st = self.shared.lock();
-        let prev = st.objects.get(&key).cloned();
-        let meta = obj["metadata"].as_object_mut().expect("metadata");
-        if let Some(prev) = &prev {
-            for field in ["uid", "creationTimestamp", "resourceVersion"] {
-                if let Some(value) = prev["metadata"].get(field) {
-                    meta.insert(field.to_string(), value.clone());
-                }
-            }
-            if *prev == obj {
-                return;
-            }
-        } else {
-            meta.entry("uid").or_insert_with(|| new_uid().into());
-            meta.entry("creationTimestamp").or_insert_with(|| now_rfc3339().into());
-        }
-        self.commit(st, key, prev, obj, false);
+        let rv = self.shared.lock().put((res.plural, ns, name), obj);
+        self.wake(rv);
     }
 
     fn delete(&self, key: Key) -> bool {
-        let mut st = self.shared.lock();
-        let Some(prev) = st.objects.remove(&key) else {
-            return false;
-        };
-        let obj = prev.clone();
-        self.commit(st, key, Some(prev), obj, true);
-        true
+        let rv = self.shared.lock().remove(&key);
+        self.wake(rv);
+        rv.is_some()
     }
 
-    /// Gives a change the next resourceVersion, records it and wakes watchers.
-    fn commit(&self, mut st: MutexGuard<'_, State>, key: Key, prev: Option<Value>, mut obj: Value, deleted: bool) {
-        st.rv += 1;
-        let rv = st.rv;
-        set_rv(&mut obj, rv);
-        if !deleted {
-            st.objects.insert(key.clone(), obj.clone());
+    fn wake(&self, rv: Option<u64>) {
+        if let Some(rv) = rv {
+            self.shared.signal.send_modify(|s| s.rv = rv);
         }
-        st.history.push(Change { rv, key, prev, obj, deleted });
-        drop(st);
-        self.shared.signal.send_modify(|s| s.rv = rv);
     }
 
     // ---- faults ----
@@ -318,6 +651,21 @@ impl FakeApiServer {
         if fault == Fault::Outage {
             self.shared.signal.send_modify(|s| s.conn_epoch += 1);
         }
+    }
+
+    /// Requests for `plural` ("pods", "nodes" or "endpointslices") get `fault` (`Forbidden`, `ServerError` or
+    /// `TooManyRequests`) until it is changed; `Fault::None` lets them through again. Open
+    /// watches are not cut: the fault answers the next list or watch.
+    pub fn set_resource_fault(&self, plural: &str, fault: Fault) {
+        let res = resource(plural);
+        self.shared.lock().resource_faults.entry(res.plural).or_default().standing = fault;
+    }
+
+    /// The next requests for `plural` get `faults`, one each in order; then the standing
+    /// fault of [`Self::set_resource_fault`] applies again.
+    pub fn queue_faults(&self, plural: &str, faults: impl IntoIterator<Item = Fault>) {
+        let res = resource(plural);
+        self.shared.lock().resource_faults.entry(res.plural).or_default().queued.extend(faults);
     }
 
     /// Compacts the history: every watch or continue token from an older
@@ -340,7 +688,13 @@ impl FakeApiServer {
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.lock().requests.clone()
     }
-    /// Non-watch GETs whose path ends with `path_suffix` (e.g. "/pods", "/nodes").
+    /// Requests (list or watch) whose path ends with `path_suffix`, in arrival order.
+    pub fn requests_to(&self, path_suffix: &str) -> Vec<RequestRecord> {
+        let st = self.shared.lock();
+        st.requests.iter().filter(|r| r.path.ends_with(path_suffix)).cloned().collect()
+    }
+    /// Non-watch GETs whose path ends with `path_suffix` (e.g. "/pods", "/nodes",
+    /// "/endpointslices"): LIST requests (a streaming list is a watch).
     pub fn list_calls(&self, path_suffix: &str) -> usize {
         self.count_calls(path_suffix, false)
     }
@@ -357,10 +711,15 @@ impl FakeApiServer {
     pub fn response_bytes(&self) -> u64 {
         self.shared.bytes.load(Relaxed)
     }
-    /// Clears the request log and the byte counter.
+    /// The most lists answered at the same time since the start (or `clear_requests`).
+    pub fn peak_concurrent_lists(&self) -> usize {
+        self.shared.peak_lists.load(Relaxed)
+    }
+    /// Clears the request log, the byte counter and the peak of concurrent lists.
     pub fn clear_requests(&self) {
         self.shared.lock().requests.clear();
         self.shared.bytes.store(0, Relaxed);
+        self.shared.peak_lists.store(self.shared.lists.load(Relaxed), Relaxed);
     }
 }
 
@@ -490,19 +849,26 @@ enum Reply {
     Watch(Box<WatchCursor>),
     /// Close the connection without a response (outage).
     Hangup,
+    /// 429 with `Retry-After` and a plain-text body.
+    Throttled {
+        retry_after_secs: u64,
+    },
 }
 
 type HandlerResult = Result<Response<Body>, std::io::Error>;
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    let at = Instant::now();
     let query = req.uri().query().unwrap_or_default().to_string();
     let params = parse_query(&query);
     let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
-    let mut record = RequestRecord { method, path, query, watch, status: 200 };
+    let mut record = RequestRecord { method, path, query, watch, status: 200, at };
     let expected = format!("Bearer {}", shared.token);
     let auth = req.headers().get(header::AUTHORIZATION);
     let authorized = auth.map(HeaderValue::as_bytes) == Some(expected.as_bytes());
+    let mut retry_after = None;
+    let mut content_type = HeaderValue::from_static("application/json");
     let body = match route(&shared, &record, &params, authorized) {
         Reply::Hangup => return Err(std::io::Error::other("injected outage")),
         Reply::Json(code, value) => {
@@ -510,6 +876,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
             shared.bytes.fetch_add(bytes.len() as u64, Relaxed);
             record.status = code;
             Full::new(bytes).boxed_unsync()
+        }
+        Reply::Throttled { retry_after_secs } => {
+            record.status = 429;
+            retry_after = Some(HeaderValue::from(retry_after_secs));
+            content_type = HeaderValue::from_static("text/plain; charset=utf-8");
+            Full::new(Bytes::from_static(b"Too many requests, please try again later.\n")).boxed_unsync()
         }
         Reply::Watch(cursor) => {
             let events = futures::stream::unfold(cursor, |mut c| async move {
@@ -523,20 +895,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
     shared.lock().requests.push(record);
     let mut resp = Response::new(body);
     *resp.status_mut() = code;
-    let json = HeaderValue::from_static("application/json");
-    resp.headers_mut().insert(header::CONTENT_TYPE, json);
+    resp.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    if let Some(retry_after) = retry_after {
+        resp.headers_mut().insert(header::RETRY_AFTER, retry_after);
+    }
     Ok(resp)
 }
 
 fn route(shared: &Arc<Shared>, req: &RequestRecord, p: &Params, authorized: bool) -> Reply {
-    let st = shared.lock();
+    let mut st = shared.lock();
     match st.fault {
         Fault::Outage => return Reply::Hangup,
         _ if !authorized => return status(401, "Unauthorized", "Unauthorized", Value::Null),
-        Fault::ServerError => {
-            let msg = "Internal error occurred: injected fault (fake apiserver)";
-            return status(500, "InternalError", msg, Value::Null);
-        }
+        Fault::ServerError => return server_error(),
+        Fault::TooManyRequests { retry_after_secs } => return Reply::Throttled { retry_after_secs },
         _ if req.method != "GET" => {
             let msg = "the server does not allow this method on the requested resource";
             return status(405, "MethodNotAllowed", msg, Value::Null);
@@ -557,7 +929,17 @@ fn route(shared: &Arc<Shared>, req: &RequestRecord, p: &Params, authorized: bool
         }
     };
     let plural = res.plural;
-    if st.fault == Fault::Forbidden {
+    let fault = match st.resource_faults.get_mut(plural) {
+        Some(f) => f.queued.pop_front().unwrap_or(f.standing),
+        None => Fault::None,
+    };
+    let fault = if fault == Fault::None { st.fault } else { fault };
+    match fault {
+        Fault::ServerError => return server_error(),
+        Fault::TooManyRequests { retry_after_secs } => return Reply::Throttled { retry_after_secs },
+        _ => {}
+    }
+    if fault == Fault::Forbidden {
         let verb = match (name, req.watch) {
             (Some(_), _) => "get",
             (None, true) => "watch",
@@ -877,6 +1259,11 @@ fn status_json(code: u16, reason: &str, message: String, details: Value) -> Valu
 
 fn status(code: u16, reason: &str, message: impl Into<String>, details: Value) -> Reply {
     Reply::Json(code, status_json(code, reason, message.into(), details))
+}
+
+fn server_error() -> Reply {
+    let msg = "Internal error occurred: injected fault (fake apiserver)";
+    status(500, "InternalError", msg, Value::Null)
 }
 
 fn bad_request(message: impl Into<String>) -> Reply {

@@ -13,13 +13,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-/// Paths: `/ok` 200, `/status/{code}` that code, `/delay/{ms}` 200 after that long,
+/// Paths: `/ok` 200, `/version` 200, `/status/{code}` that code, `/delay/{ms}` 200 after that long,
 /// `/slow` 200 after 3 s, `/alwayshappy` 200.
 /// `hits` counts requests; `with_token` those that carried an `Authorization` header.
 pub fn routes(hits: Arc<AtomicUsize>, with_token: Arc<AtomicUsize>) -> Router {
     Router::new()
         .route("/ok", get(|| async { StatusCode::OK }))
         .route("/alwayshappy", get(|| async { StatusCode::OK }))
+        .route("/version", get(|| async { StatusCode::OK }))
         .route(
             "/status/{code}",
             get(|axum::extract::Path(code): axum::extract::Path<u16>| async move {
@@ -78,6 +79,11 @@ impl Target {
     /// HTTPS on `ip`:0 with a certificate for `127.0.0.1` and `localhost` signed by `ca`.
     pub async fn https(ip: &str, ca: &TestCa) -> Target {
         Self::start(ip, 0, Some(ca.server_config(&["127.0.0.1", "localhost"]))).await
+    }
+
+    /// HTTPS on `ip`:0 with a certificate for `names` signed by `ca`.
+    pub async fn https_for(ip: &str, ca: &TestCa, names: &[&str]) -> Target {
+        Self::start(ip, 0, Some(ca.server_config(names))).await
     }
 
     async fn start(ip: &str, port: u16, tls: Option<rustls::ServerConfig>) -> Target {
@@ -164,20 +170,21 @@ impl TestCa {
     }
 }
 
-/// A peer that accepts connections and never answers (connections are held until drop).
-pub struct BlackHole {
+/// A peer that accepts connections and never says a word (connections are held until
+/// drop): a request sent there, or a TLS handshake begun there, waits forever.
+pub struct SilentPeer {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for BlackHole {
+impl Drop for SilentPeer {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-impl BlackHole {
-    pub async fn start(ip: &str) -> BlackHole {
+impl SilentPeer {
+    pub async fn start(ip: &str) -> SilentPeer {
         let listener = TcpListener::bind((ip, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
@@ -186,7 +193,42 @@ impl BlackHole {
                 held.push(stream);
             }
         });
-        BlackHole { addr, task }
+        SilentPeer { addr, task }
+    }
+}
+
+/// An address where connecting hangs, as with a dead node whose packets are dropped: a
+/// listener with backlog 0 that never accepts, its accept queue filled by connections held
+/// here, so the kernel drops every further SYN. Checked at start: it panics if a connection
+/// still gets through.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _held: Vec<tokio::net::TcpStream>,
+}
+
+impl BlackHole {
+    pub async fn start(ip: &str) -> BlackHole {
+        Self::start_at(SocketAddr::new(ip.parse().expect("ip"), 0)).await
+    }
+
+    /// A black hole on exactly `addr` (port 0: any).
+    pub async fn start_at(addr: SocketAddr) -> BlackHole {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+            .expect("socket");
+        socket.bind(addr).expect("bind black hole");
+        let listener = socket.listen(0).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => held.push(stream),
+                Ok(Err(e)) => panic!("filling the black hole's queue: {e}"),
+                // A connect that hangs: the queue is full and SYNs are dropped.
+                Err(_) => return BlackHole { addr, _listener: listener, _held: held },
+            }
+        }
+        panic!("connections to {addr} still get through after {} held ones: no black hole here", held.len());
     }
 }
 

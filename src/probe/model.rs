@@ -1,7 +1,8 @@
-//! What one probe observed: the instant of each request phase, and how it ended.
+//! The probe's data model: what to probe ([`Target`]) and what one probe observed
+//! ([`ProbeResult`]: the instant of each request phase, and how it ended).
 //!
-//! These types are plain data. The probe client fills them, the metrics and the `/alive`
-//! handler read them; the label strings here are the closed sets of SPEC §5.
+//! These types are plain data. The probe client fills them, the metrics, spans, logs and the
+//! `/alive` handler read them; the label strings here are the closed sets of SPEC §5.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -53,15 +54,17 @@ impl Event {
 /// The phase in which a request failed before it got a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailedPhase {
-    /// Name resolution failed.
+    /// Name resolution failed or did not finish in time.
     Dns,
-    /// No TCP connection could be made.
+    /// No TCP connection could be made in time (refused, unreachable, SYN dropped).
     Connect,
-    /// The TLS handshake failed (untrusted certificate, protocol error).
+    /// The TLS handshake failed (untrusted certificate, protocol error) or did not finish
+    /// in time.
     Tls,
-    /// Writing the request failed.
+    /// Writing the request failed or did not finish in time.
     WriteRequest,
-    /// Everything else: the deadline, a reset while waiting, a malformed response.
+    /// The request was written and no response head came (in time), and everything else:
+    /// a reset while waiting, a malformed response, unreadable credentials.
     RoundTrip,
 }
 
@@ -122,6 +125,20 @@ pub struct ProbeResult {
 }
 
 impl ProbeResult {
+    /// A failed probe that observed nothing: its credentials could not be read, or its task
+    /// crashed.
+    pub fn unobserved(target: Arc<Target>, phase: FailedPhase, error: String) -> Self {
+        ProbeResult {
+            target,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            events: Vec::new(),
+            response_after: None,
+            elapsed: Duration::ZERO,
+            outcome: Outcome::Failed { phase, error },
+        }
+    }
+
     /// HTTP 200 and nothing else.
     pub fn is_ok(&self) -> bool {
         self.outcome == Outcome::Response { status: 200 }

@@ -1,0 +1,152 @@
+//! Name resolution for the probes: asynchronous and cancellable (a probe that runs out of
+//! time drops its lookup, so a DNS outage cannot pile up blocked threads), on one resolver
+//! that every probe shares, configured like the system's: `/etc/hosts` first, then the
+//! servers, search list and `ndots` of `/etc/resolv.conf`, the servers replaced by
+//! `KUBENURSE_DNS_SERVERS` when it is set.
+//!
+//! Nothing is cached: each probe measures a real lookup, as with the Go agent (whose resolver
+//! has no cache), so `dns_done` times the cluster DNS path, and a DNS outage shows in the next
+//! round instead of after the records' TTL.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+    ServerOrderingStrategy,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::op::Query;
+use hickory_resolver::proto::rr::{Name, RecordType};
+use hickory_resolver::proto::ProtoError;
+use hickory_resolver::{Hosts, TokioResolver};
+
+use crate::config::DnsServers;
+
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+const HOSTS: &str = "/etc/hosts";
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the DNS resolver: {0}")]
+pub struct ResolverError(#[source] NetError);
+
+/// Why a name did not resolve.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("lookup {host}: invalid name: {source}")]
+    InvalidName { host: String, source: ProtoError },
+    #[error("lookup {host}: {source}")]
+    Dns { host: String, source: NetError },
+    #[error("lookup {host}: no addresses")]
+    NoAddresses { host: String },
+}
+
+/// The probes' resolver; clones share one instance.
+#[derive(Clone)]
+pub struct Resolver {
+    dns: TokioResolver,
+    hosts: Arc<Hosts>,
+}
+
+impl Resolver {
+    /// A resolver configured from `/etc/resolv.conf` and `/etc/hosts`, asking `servers`
+    /// instead of the configured name servers when given.
+    pub fn from_system(servers: Option<&DnsServers>) -> Result<Self, ResolverError> {
+        Self::new(&read_or_empty(RESOLV_CONF), &read_or_empty(HOSTS), servers)
+    }
+
+    /// A resolver from the contents of a `resolv.conf` and a `hosts` file. Without name
+    /// servers (or without a `resolv.conf`) it asks the local host, as Go and glibc do.
+    pub fn new(resolv_conf: &[u8], hosts: &[u8], servers: Option<&DnsServers>) -> Result<Self, ResolverError> {
+        let (conf, errors) = resolv_conf::Config::parse_with_errors(resolv_conf);
+        for error in errors {
+            tracing::warn!(file = RESOLV_CONF, %error, "ignoring a line of the resolver configuration");
+        }
+        let servers: Vec<SocketAddr> = match servers {
+            Some(servers) => servers.0.clone(),
+            None => conf.get_nameservers_or_local().iter().map(|ip| SocketAddr::new(ip.into(), 53)).collect(),
+        };
+        let name_servers = servers.iter().map(|addr| name_server(*addr)).collect();
+        let search = conf
+            .get_last_search_or_domain()
+            .filter(|domain| *domain != "--")
+            .filter_map(|domain| Name::from_str_relaxed(domain).ok())
+            .collect();
+
+        let mut options = ResolverOpts::default();
+        options.ndots = conf.ndots as usize;
+        options.timeout = Duration::from_secs(conf.timeout.into());
+        options.attempts = conf.attempts as usize;
+        options.edns0 = conf.edns0;
+        // Servers are asked in the configured order, as glibc and Go do, unless `rotate`.
+        options.server_ordering_strategy =
+            if conf.rotate { ServerOrderingStrategy::RoundRobin } else { ServerOrderingStrategy::UserProvidedOrder };
+        // Both families, in parallel, IPv4 first: the dialer races the other family.
+        options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        options.cache_size = 0;
+        options.positive_max_ttl = Some(Duration::ZERO);
+        options.negative_max_ttl = Some(Duration::ZERO);
+        // `lookup` reads the hosts file itself, for both families at once.
+        options.use_hosts_file = ResolveHosts::Never;
+
+        let dns = TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, search, name_servers),
+            TokioRuntimeProvider::default(),
+        )
+        .with_options(options)
+        .build()
+        .map_err(ResolverError)?;
+        let mut static_hosts = Hosts::default();
+        if let Err(error) = static_hosts.read_hosts_conf(hosts) {
+            tracing::warn!(file = HOSTS, %error, "cannot read the hosts file");
+        }
+        Ok(Self { dns, hosts: Arc::new(static_hosts) })
+    }
+
+    /// The addresses of `host`. A name in the hosts file is answered from there alone, for
+    /// both families, as Go and glibc do: `localhost` never reaches a DNS server.
+    pub async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, LookupError> {
+        let name =
+            Name::from_utf8(host).map_err(|source| LookupError::InvalidName { host: host.to_owned(), source })?;
+        let listed = self.static_host(&name);
+        if !listed.is_empty() {
+            return Ok(listed);
+        }
+        let found =
+            self.dns.lookup_ip(name).await.map_err(|source| LookupError::Dns { host: host.to_owned(), source })?;
+        let addrs: Vec<IpAddr> = found.iter().collect();
+        if addrs.is_empty() {
+            return Err(LookupError::NoAddresses { host: host.to_owned() });
+        }
+        Ok(addrs)
+    }
+
+    fn static_host(&self, name: &Name) -> Vec<IpAddr> {
+        [RecordType::A, RecordType::AAAA]
+            .into_iter()
+            .filter_map(|kind| self.hosts.lookup_static_host(&Query::query(name.clone(), kind)))
+            .flat_map(|lookup| lookup.answers().iter().filter_map(|r| r.data.ip_addr()).collect::<Vec<_>>())
+            .collect()
+    }
+}
+
+/// A name server on `addr`, over UDP with TCP for truncated answers.
+fn name_server(addr: SocketAddr) -> NameServerConfig {
+    let on_port = |mut connection: ConnectionConfig| {
+        connection.port = addr.port();
+        connection
+    };
+    NameServerConfig::new(addr.ip(), true, vec![on_port(ConnectionConfig::udp()), on_port(ConnectionConfig::tcp())])
+}
+
+/// A missing or unreadable file reads as empty: the defaults then apply, as in Go.
+fn read_or_empty(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|error| {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(file = path, %error, "cannot read, using the defaults");
+        }
+        Vec::new()
+    })
+}
