@@ -102,6 +102,7 @@ async fn an_apiserver_down_at_start_is_survived_and_discovery_follows_once_it_is
                 "--check-interval=200ms".into(),
                 "--discovery-backoff-base=100ms".into(),
                 "--discovery-backoff-max=1s".into(),
+                "--discovery=pods".into(),
                 "--neighbour-filter=app=kubenurse".into(),
                 "--pod-name=kubenurse-self".into(),
                 format!("--neighbour-port={}", neighbour.addr.port()),
@@ -148,6 +149,8 @@ async fn five_thousand_pods_and_nodes_are_listed_in_pages_and_ten_are_probed() {
                 "--check-timeout=1s".into(),
                 "--check-api-server-direct=false".into(),
                 "--check-api-server-dns=false".into(),
+                "--discovery=pods".into(),
+                "--discovery-jitter=0s".into(),
                 "--neighbour-filter=app=kubenurse".into(),
                 "--pod-name=kubenurse-0000".into(),
                 "--neighbour-port=9".into(),
@@ -195,7 +198,7 @@ async fn slow_loris_and_idle_connections_do_not_stop_serving_or_probing() {
         format!("--extra-checks=ok:{}", target.url("/ok")),
     ])
     .await;
-    // 300 idle connections from one address (the agent keeps its newest ones open), and 50
+    // 300 idle connections from one address (the agent keeps its share of them open), and 50
     // that trickle a header one byte at a time from five others; requests come from a sixth.
     let connect_from = |last: u8| async move {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");

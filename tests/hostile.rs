@@ -225,6 +225,24 @@ fn anonymous_kib(pid: u32) -> u64 {
         .expect("RssAnon")
 }
 
+/// The agent's process, killed if the test ends early.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// The soft limit of open files of this process.
 fn open_files_limit() -> u64 {
     let limits = std::fs::read_to_string("/proc/self/limits").expect("limits");
@@ -255,7 +273,7 @@ async fn hostile_clients_cannot_starve_the_kubelet_or_exhaust_memory() {
     let plain: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
     let tls: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
     let dir_path = |f: &str| dir.path().join(f).display().to_string();
-    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_kubenurse"))
+    let agent = std::process::Command::new(env!("CARGO_BIN_EXE_kubenurse"))
         .env_clear()
         .envs([
             ("KUBENURSE_LISTEN_ADDR", plain.to_string()),
@@ -273,7 +291,8 @@ async fn hostile_clients_cannot_starve_the_kubelet_or_exhaust_memory() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn agent");
-    let pid = agent.id();
+    let mut agent = KillOnDrop(Some(agent));
+    let pid = agent.pid();
     let kubelet = IpAddr::from([127, 0, 0, 2]);
     let connector = tls_connector(&ca);
 
@@ -285,10 +304,10 @@ async fn hostile_clients_cannot_starve_the_kubelet_or_exhaust_memory() {
     let metrics_size = get(plain, "/metrics").await.1.len();
     let alive_size = get(plain, "/alive").await.1.len();
     assert!(metrics_size > 100_000 && alive_size > 100_000, "large answers: {metrics_size}, {alive_size} bytes");
-    let rss_before = anonymous_kib(pid);
+    let anon_before = anonymous_kib(pid);
 
     let attack = Attackers::start(plain, tls, connector.clone());
-    // Every attacker connection is open before the kubelet's requests start.
+    // As many connections opened as there are attackers before the kubelet's requests start.
     let deadline = Instant::now() + Duration::from_secs(60);
     while attack.tally.connected.load(Ordering::SeqCst) < attackers {
         assert!(Instant::now() < deadline, "attackers did not connect in time");
@@ -298,14 +317,14 @@ async fn hostile_clients_cannot_starve_the_kubelet_or_exhaust_memory() {
     // The kubelet's probes and a neighbour's (over TLS), each on a fresh connection, spread
     // over longer than the write timeout so that stuck connections are cut and come back.
     let mut answered = [0; 3];
+    let mut anon_max = 0;
     let mut rss_max = 0;
-    let mut total_max = 0;
     for _ in 0..PROBES {
         answered[0] += usize::from(fresh_get(kubelet, plain, None, "/ready").await == Some(200));
         answered[1] += usize::from(fresh_get(kubelet, plain, None, "/alwayshappy").await == Some(200));
         answered[2] += usize::from(fresh_get(kubelet, tls, Some(&connector), "/alwayshappy").await == Some(200));
-        rss_max = rss_max.max(anonymous_kib(pid));
-        total_max = total_max.max(common::process::rss_kib(pid));
+        anon_max = anon_max.max(anonymous_kib(pid));
+        rss_max = rss_max.max(common::process::rss_kib(pid));
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     let (connected, closed) =
@@ -313,17 +332,19 @@ async fn hostile_clients_cannot_starve_the_kubelet_or_exhaust_memory() {
     attack.stop().await;
     eprintln!(
         "{attackers} attacker connections at once: {connected} opened, {closed} closed by the agent; \
-         answered {answered:?} of {PROBES}; anonymous memory {rss_before} KiB before, at most {rss_max} KiB during (RSS with the binary {total_max} KiB); \
-         /metrics {metrics_size} bytes, /alive {alive_size} bytes"
+         answered {answered:?} of {PROBES}; anonymous memory {anon_before} KiB before, at most \
+         {anon_max} KiB during (RSS with the binary {rss_max} KiB); /metrics {metrics_size} bytes, \
+         /alive {alive_size} bytes"
     );
     assert_eq!(answered, [PROBES; 3], "/ready, /alwayshappy, /alwayshappy over TLS on fresh connections");
-    assert!(rss_max < MEMORY_LIMIT_KIB, "anonymous memory {rss_max} KiB");
+    assert!(anon_max < MEMORY_LIMIT_KIB, "anonymous memory {anon_max} KiB");
     assert!(closed >= attackers / 2, "the agent cut stuck and surplus connections: {closed}");
 
     // Still serving once the attack is over, and a clean drain on SIGTERM.
     assert_eq!(get_with(plain, "/alwayshappy", &[]).await.0, 200);
     assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill").success());
-    let exit = tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(move || agent.wait()))
+    let mut child = agent.0.take().expect("agent");
+    let exit = tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(move || child.wait()))
         .await
         .expect("the agent exited in time")
         .expect("join")

@@ -5,8 +5,7 @@
 //! most connections, provided that address holds more than the newcomer's own: a client can
 //! never push out an address lighter than itself, and a client that reconnects as soon as it
 //! is closed cannot win its slot back from the lighter address that took it. One address holds
-//! at most `per_address` connections; beyond that, its own oldest connection makes room (for a
-//! keep-alive pool, the oldest is the likeliest to be idle).
+//! at most `per_address` connections: more are refused, and the ones it has keep working.
 //!
 //! So the kubelet's probes (from the node's address) and neighbour probes (one address per
 //! pod) get a slot whatever a few hostile addresses do. An attacker with more addresses than
@@ -52,7 +51,8 @@ pub enum Admission {
     Free(Slot),
     /// The slot of a connection from `pushed_out`, which is being closed.
     Took { slot: Slot, pushed_out: IpAddr },
-    /// No slot: every other address holds no more connections than this one.
+    /// No slot: this address holds its share already, or every other address holds no more
+    /// connections than this one.
     Refused,
 }
 
@@ -74,8 +74,9 @@ pub struct SlotId(u64);
 #[derive(Debug)]
 pub struct Slot {
     id: u64,
-    /// Set when the connection is pushed out: its socket then closes with a reset, so the
-    /// kernel drops what is still queued for a client that does not read.
+    /// Set when the connection is cut (pushed out, stalled, past its grace): its socket then
+    /// closes with a reset, so the kernel drops what is still queued for a client that does
+    /// not read.
     pub reset: Arc<AtomicBool>,
     connections: Arc<Connections>,
 }
@@ -90,9 +91,10 @@ impl Connections {
         let address = address.to_canonical();
         let mut table = lock(&self.table);
         let held = table.by_address.get(&address).map_or(0, VecDeque::len);
-        let victim = if held >= self.per_address {
-            table.by_address.get(&address).and_then(|ids| ids.front().copied())
-        } else if table.open.len() >= self.capacity {
+        if held >= self.per_address {
+            return Admission::Refused;
+        }
+        let victim = if table.open.len() >= self.capacity {
             match table.heaviest_above(held) {
                 Some(victim) => Some(victim),
                 None => return Admission::Refused,
@@ -236,16 +238,17 @@ mod tests {
         assert_eq!(table.open(), 3);
     }
 
-    #[tokio::test]
-    async fn one_address_beyond_its_share_makes_room_from_its_own_connections() {
+    #[test]
+    fn one_address_beyond_its_share_is_refused() {
         let table = Connections::new(100, 2);
         let first = table.admit(ip(1)).slot().expect("first");
         let _second = table.admit(ip(1)).slot().expect("second");
-        let other = table.admit(ip(2)).slot().expect("other");
-        let _third = table.admit(ip(1)).slot().expect("third");
-        assert!(first.reset.load(Ordering::SeqCst), "its own oldest made room");
-        assert!(!other.reset.load(Ordering::SeqCst));
-        assert_eq!((table.open_from(ip(1)), table.open(), table.open_from(ip(2))), (2, 3, 1));
+        assert!(matches!(table.admit(ip(1)), Admission::Refused));
+        assert!(!first.reset.load(Ordering::SeqCst), "the connections it has keep working");
+        let _other = table.admit(ip(2)).slot().expect("other addresses still get in");
+        drop(first);
+        let _again = table.admit(ip(1)).slot().expect("a freed slot is its again");
+        assert_eq!((table.open_from(ip(1)), table.open()), (2, 3));
     }
 
     #[test]
@@ -268,7 +271,7 @@ mod tests {
         let table = Connections::new(10, 1);
         let _v4 = table.admit(ip(7)).slot().expect("v4");
         let mapped: IpAddr = "::ffff:127.0.0.7".parse().expect("mapped");
-        let _again = table.admit(mapped).slot().expect("mapped");
-        assert_eq!(table.open(), 1, "the same client, so its older connection made room");
+        assert!(matches!(table.admit(mapped), Admission::Refused), "the same client, over its share");
+        assert_eq!(table.open_from(mapped), 1);
     }
 }
