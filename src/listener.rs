@@ -151,14 +151,22 @@ async fn serve_with(
     let http = Arc::new(http);
     let mut tasks = JoinSet::new();
     let mut full = FailureStreak::new(FULL_REMINDER);
+    let mut accept_errors = FailureStreak::new(FULL_REMINDER);
 
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    if let Some(recovery) = accept_errors.succeeded(std::time::Instant::now()) {
+                        tracing::info!(failures = recovery.failures, "accepting connections again");
+                    }
+                    accepted
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(report) = accept_errors.failed(std::time::Instant::now()) {
+                        tracing::warn!(error = %e, failures = report.failures, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -208,6 +208,10 @@ fn parse_millis(s: &str) -> Result<Duration, String> {
     if ms == 0 {
         return Err("must be greater than zero".into());
     }
+    // A day at most: larger values would overflow the SDK's deadlines.
+    if ms > 86_400_000 {
+        return Err("must be at most 86400000 (one day)".into());
+    }
     Ok(Duration::from_millis(ms))
 }
 
@@ -311,6 +315,7 @@ mod tests {
             &["--otlp-headers=novalue"],
             &["--otlp-timeout=10s"],
             &["--otlp-metric-export-interval=0"],
+            &["--otlp-metric-export-interval=18446744073709551615"],
             &["--otlp-temporality=sometimes"],
             &["--otlp-histogram=log"],
         ] {

@@ -156,9 +156,16 @@ impl Prober {
             return Ok(None);
         }
         let path = self.token_file.display();
-        let token = tokio::fs::read_to_string(&self.token_file).await.map_err(|e| {
-            Failure::new(FailedPhase::RoundTrip, format!("cannot read service-account token {path}: {e}"))
-        })?;
+        // A hung volume must not hang the round: the read gets the probe's deadline too.
+        let read = tokio::time::timeout(self.timeout, tokio::fs::read_to_string(&self.token_file));
+        let token = read
+            .await
+            .map_err(|_| {
+                Failure::new(FailedPhase::RoundTrip, format!("reading service-account token {path} timed out"))
+            })?
+            .map_err(|e| {
+                Failure::new(FailedPhase::RoundTrip, format!("cannot read service-account token {path}: {e}"))
+            })?;
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
             Failure::new(FailedPhase::RoundTrip, format!("service-account token {path} is not a valid header value"))
         })?;

@@ -5,10 +5,11 @@
 //! Span names are low-cardinality: one per probe kind (`probe path`, `probe api_server_dns`,
 //! `probe <extra check>`); the node and pod are attributes. The span rate is bounded per
 //! target: a span when its condition starts or changes (slow, or a failure at another
-//! event), then at most one per [`REPEAT_EVERY`] while it stays the same, so a cluster-wide
-//! outage costs each agent at most one span per target and minute.
+//! event), then at most one per [`REPEAT_EVERY`] while it stays the same; and never more than
+//! [`MOST_PER_INTERVAL`] per target in one interval, however often the condition flips. A
+//! cluster-wide outage costs each agent about one span per target and minute.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,9 @@ use crate::sync::lock;
 
 /// How often a target whose condition does not change exports a span again.
 pub const REPEAT_EVERY: Duration = Duration::from_secs(60);
+
+/// Spans one target may export within [`REPEAT_EVERY`], changes included.
+pub const MOST_PER_INTERVAL: usize = 3;
 
 /// Targets not seen for this long are forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
@@ -42,8 +46,28 @@ struct Recent {
 struct Exported {
     /// `slow`, or the error event of the failure.
     condition: String,
-    at: Instant,
+    /// The latest exports, newest last, at most [`MOST_PER_INTERVAL`].
+    exports: VecDeque<Instant>,
     seen: Instant,
+}
+
+impl Exported {
+    fn new(condition: String, now: Instant) -> Self {
+        Self { condition, exports: VecDeque::from([now]), seen: now }
+    }
+
+    /// Exports within `interval` before `now`.
+    fn recent(&self, now: Instant, interval: Duration) -> usize {
+        self.exports.iter().filter(|at| now.saturating_duration_since(**at) < interval).count()
+    }
+
+    fn exported(&mut self, condition: String, now: Instant) {
+        self.condition = condition;
+        if self.exports.len() == MOST_PER_INTERVAL {
+            self.exports.pop_front();
+        }
+        self.exports.push_back(now);
+    }
 }
 
 impl ProbeSpans {
@@ -65,8 +89,9 @@ impl ProbeSpans {
             Some(event) => event.into_owned(),
             None if result.elapsed > self.threshold => "slow".to_owned(),
             None => {
-                // Healthy again: the next failure is a new one and gets its span at once.
-                lock(&self.recent).targets.remove(&result.target.kind);
+                // Healthy again: the next failure is a change and gets its span at once, unless
+                // the target flaps so fast that it already had its share of the interval.
+                self.healthy(&result.target.kind);
                 return;
             }
         };
@@ -75,20 +100,32 @@ impl ProbeSpans {
         }
     }
 
+    /// Notes that `kind` answered fast and fine.
+    fn healthy(&self, kind: &str) {
+        if let Some(last) = lock(&self.recent).targets.get_mut(kind) {
+            last.condition.clear();
+        }
+    }
+
     /// True when the target's condition is new or changed, or the repeat interval passed.
     fn admit(&self, kind: &str, condition: String, now: Instant) -> bool {
         let mut recent = lock(&self.recent);
+        let every = self.repeat_every;
         let admitted = match recent.targets.get_mut(kind) {
-            Some(last) if last.condition == condition && now.saturating_duration_since(last.at) < self.repeat_every => {
-                last.seen = now;
-                false
-            }
             Some(last) => {
-                *last = Exported { condition, at: now, seen: now };
-                true
+                last.seen = now;
+                let due = if last.condition == condition {
+                    last.recent(now, every) == 0
+                } else {
+                    last.recent(now, every) < MOST_PER_INTERVAL
+                };
+                if due {
+                    last.exported(condition, now);
+                }
+                due
             }
             None => {
-                recent.targets.insert(kind.to_owned(), Exported { condition, at: now, seen: now });
+                recent.targets.insert(kind.to_owned(), Exported::new(condition, now));
                 true
             }
         };
@@ -186,12 +223,30 @@ mod tests {
     }
 
     #[test]
+    fn a_flapping_condition_is_bounded_too() {
+        let s = spans(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let flips = (0..12u64)
+            .filter(|i| {
+                let condition = if i % 2 == 0 { "connect_done" } else { "slow" };
+                s.admit("path_a", condition.into(), t0 + Duration::from_secs(i * 5))
+            })
+            .count();
+        assert_eq!(flips, MOST_PER_INTERVAL, "a condition flipping every round, one minute");
+        assert!(s.admit("path_a", "round_trip_error".into(), t0 + Duration::from_secs(61)), "the next minute");
+    }
+
+    #[test]
     fn a_recovered_target_reports_its_next_failure_at_once() {
         let s = spans(Duration::from_secs(60));
         let t0 = Instant::now();
         assert!(s.admit("me_service", "connect_done".into(), t0));
-        lock(&s.recent).targets.remove("me_service");
+        s.healthy("me_service");
         assert!(s.admit("me_service", "connect_done".into(), t0 + Duration::from_secs(10)));
+        s.healthy("me_service");
+        assert!(s.admit("me_service", "connect_done".into(), t0 + Duration::from_secs(20)));
+        s.healthy("me_service");
+        assert!(!s.admit("me_service", "connect_done".into(), t0 + Duration::from_secs(30)), "flapping is bounded");
     }
 
     #[test]
