@@ -12,10 +12,15 @@ Each RENDERED file is the `kubectl kustomize` output of one kustomization. For e
     with all capabilities dropped, RuntimeDefault seccomp, no host namespaces or paths,
     requests and a memory limit, a pinned image;
   * rbac: no wildcards, read-only verbs, no secrets; the kubenurse service account gets exactly
-    what the agent needs (pods in its namespace; nodes unless KUBENURSE_ALLOW_UNSCHEDULABLE=true);
+    what the agent needs in the discovery mode of the rendering (KUBENURSE_DISCOVERY):
+    endpointslices in its namespace (the default) or pods in its namespace (pods), and nothing
+    cluster-wide but listing and watching nodes, which it has unless
+    KUBENURSE_ALLOW_UNSCHEDULABLE=true (then no cluster-wide binding at all);
   * wiring: service selectors, target ports, config maps and service accounts resolve within the
     same rendering; the Ingress exposes nothing but /alwayshappy (pathType Exact); the agent's
-    DaemonSet runs everywhere with the downward-API identity;
+    DaemonSet runs everywhere with the downward-API identity, and finds its own pods: the
+    Service KUBENURSE_NEIGHBOUR_SERVICE selects them (endpointslices mode, where
+    KUBENURSE_NEIGHBOUR_FILTER must not be set) or KUBENURSE_NEIGHBOUR_FILTER does (pods mode);
   * --dockerfile: the runtime stage is distroless, non-root with the DaemonSet's UID, runs
     /kubenurse and exposes 8080/8443; the build is `cargo build --release --locked`.
 
@@ -38,6 +43,9 @@ except ImportError:  # pragma: no cover - validate-deploy.sh installs it
 
 CRD_GROUPS = ("monitoring.coreos.com/",)
 READ_VERBS = {"get", "list", "watch"}
+DISCOVERY_MODES = ("endpointslices", "pods")
+# (API group, resource) the agent reads its own pods from, per KUBENURSE_DISCOVERY.
+AGENT_PODS = {"endpointslices": ("discovery.k8s.io", "endpointslices"), "pods": ("", "pods")}
 
 
 def schema_problems(doc, version):
@@ -215,10 +223,25 @@ def check_render(path, version):
             got = ((env.get(var) or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
             if got != field:
                 problems.append(f"{var} is not the downward-API {field}")
+        mode = (env.get("KUBENURSE_DISCOVERY") or {}).get("value") or "endpointslices"
         selector = (env.get("KUBENURSE_NEIGHBOUR_FILTER") or {}).get("value", "")
-        wanted = dict(kv_pair.split("=", 1) for kv_pair in selector.split(",") if "=" in kv_pair)
-        if not selector_matches(wanted, template_labels(ds)):
-            problems.append(f"KUBENURSE_NEIGHBOUR_FILTER {selector!r} does not select the agent's own pods")
+        if mode not in DISCOVERY_MODES:
+            problems.append(f"KUBENURSE_DISCOVERY {mode!r} is none of {DISCOVERY_MODES}")
+        elif mode == "pods":
+            wanted = dict(kv_pair.split("=", 1) for kv_pair in selector.split(",") if "=" in kv_pair)
+            if not selector_matches(wanted, template_labels(ds)):
+                problems.append(f"KUBENURSE_NEIGHBOUR_FILTER {selector!r} does not select the agent's own pods")
+        else:
+            if selector:
+                problems.append(f"KUBENURSE_NEIGHBOUR_FILTER {selector!r} is set but does not apply with "
+                                "KUBENURSE_DISCOVERY=endpointslices")
+            service = (env.get("KUBENURSE_NEIGHBOUR_SERVICE") or {}).get("value") or "kubenurse"
+            svc = next((d for d in by_kind.get("Service", []) if d["metadata"]["name"] == service
+                        and d["metadata"].get("namespace") == ns), None)
+            if svc is None:
+                problems.append(f"KUBENURSE_NEIGHBOUR_SERVICE {service!r}: no such Service in {ns}")
+            elif not selector_matches(svc["spec"].get("selector"), template_labels(ds)):
+                problems.append(f"Service {service} (KUBENURSE_NEIGHBOUR_SERVICE) does not select the agent's pods")
         grace = spec.get("terminationGracePeriodSeconds", 30)
         if grace <= 5 + 5 + 15:
             problems.append(f"terminationGracePeriodSeconds {grace} <= shutdown 5s + drain 5s + flush 15s")
@@ -248,25 +271,33 @@ def check_render(path, version):
             if role is None:
                 problems.append(f"{b['kind']} {b['metadata']['name']} refers to missing {ref['kind']} {ref['name']}")
                 continue
+            # A RoleBinding to a ClusterRole grants it in the binding's namespace only.
             target = cluster if b["kind"] == "ClusterRoleBinding" else namespaced
             cluster_bound |= b["kind"] == "ClusterRoleBinding"
             for rule in role.get("rules") or []:
-                for res in rule.get("resources") or []:
-                    for verb in rule.get("verbs") or []:
-                        target.add((res, verb))
-        for verb in ("get", "list", "watch"):
-            if ("pods", verb) not in namespaced | cluster:
-                problems.append(f"cannot {verb} pods in {ns}")
-        if ("pods", "list") in cluster:
-            problems.append("may list pods cluster-wide")
+                for group in rule.get("apiGroups") or []:
+                    for res in rule.get("resources") or []:
+                        for verb in rule.get("verbs") or []:
+                            target.add((group, res, verb))
+        needed = {AGENT_PODS.get(mode, AGENT_PODS["endpointslices"])}
+        for group, res in needed:
+            for verb in ("list", "watch"):
+                if (group, res, verb) not in namespaced:
+                    problems.append(f"cannot {verb} {res} in {ns} (KUBENURSE_DISCOVERY={mode})")
+        for group, res, verb in sorted(namespaced):
+            if (group, res) not in needed:
+                problems.append(f"may {verb} {res} in {ns}, which KUBENURSE_DISCOVERY={mode} does not read")
         if allow_unschedulable:
             if cluster_bound:
                 problems.append("cluster-wide binding although KUBENURSE_ALLOW_UNSCHEDULABLE=true needs none")
         else:
             for verb in ("list", "watch"):
-                if ("nodes", verb) not in cluster:
+                if ("", "nodes", verb) not in cluster:
                     problems.append(f"cannot {verb} nodes (needed unless KUBENURSE_ALLOW_UNSCHEDULABLE=true)")
-        report(f"{label}: permissions of service account {ns}/{sa}", problems)
+        for group, res, verb in sorted(cluster - {("", "nodes", "list"), ("", "nodes", "watch")}):
+            problems.append(f"may {verb} {res or ''}{'.' + group if group else ''} cluster-wide "
+                            "(only listing and watching nodes is needed)")
+        report(f"{label}: permissions of service account {ns}/{sa} ({mode} mode)", problems)
 
 
 def dockerfile_instructions(path):

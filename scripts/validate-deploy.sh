@@ -3,7 +3,8 @@
 #   * renders every kustomization under deploy/ and otel-collector/ with `kubectl kustomize`;
 #   * validates every rendered built-in resource strictly against the Kubernetes 1.33 schemas
 #     (kubernetes-validate, which ships the schemas: no network needed once installed), and
-#     checks hardening, least-privilege RBAC and wiring (scripts/check_deploy.py);
+#     checks hardening, least-privilege RBAC for the discovery mode of each rendering, and
+#     wiring (scripts/check_deploy.py);
 #   * checks the Prometheus Operator resources and the Grafana dashboard, runs `promtool check
 #     rules` and the alert unit tests with `promtool test rules` (scripts/check_crds.py).
 #   * lints the Dockerfile with hadolint and checks its runtime stage against the manifests.
@@ -108,6 +109,17 @@ if [ "${#dirs[@]}" -eq 0 ]; then
   echo "FAIL no kustomization found under deploy/ or otel-collector/"
   failed=$((failed + 1))
 fi
+# Every deployment variant the README documents is among them (each is then checked alike).
+for required in deploy deploy/base deploy/overlays/allow-unschedulable deploy/overlays/pods-discovery \
+  deploy/overlays/prometheus-operator; do
+  if printf '%s\n' "${dirs[@]}" | grep -qx "$required"; then
+    echo "ok   kustomization $required exists"
+    passed=$((passed + 1))
+  else
+    echo "FAIL kustomization $required is missing"
+    failed=$((failed + 1))
+  fi
+done
 rendered=()
 for dir in "${dirs[@]}"; do
   file="$tmp/rendered/${dir//\//_}.yaml"

@@ -110,11 +110,15 @@ impl Agent {
 
         let incoming = Arc::new(IncomingChecks::default());
         let resource = telemetry::resource(&config, &pod_name, namespace.as_deref());
-        let push = telemetry::metric_reader(&config.otel)?.map(|reader| Push {
-            reader,
+        let push = telemetry::metric_push(&config.otel)?.map(|push| Push {
+            readers: Box::new(move || push.reader()),
             exponential_histograms: config.otel.otlp_histogram == OtlpHistogram::Exponential,
         });
-        let metrics = Arc::new(Metrics::new(config.buckets(), resource.clone(), incoming.clone(), push)?);
+        let metrics = Arc::new(
+            Metrics::new(config.buckets(), resource.clone(), incoming.clone(), push)?
+                .with_detail(config.metrics_detail)
+                .with_series_reset(config.series_reset_interval),
+        );
         let tracer = telemetry::tracer_provider(&config.otel, resource)?;
         let spans = tracer.as_ref().map(|t| Arc::new(ProbeSpans::new(t, config.slow_threshold)));
         let targets = Targets::from_config(&config);

@@ -1,6 +1,8 @@
-//! Neighbour discovery against a fake kube-apiserver speaking the real wire protocol:
-//! pods and nodes come and go, nodes get cordoned, the apiserver fails, refuses, throttles
-//! and recovers, and discovery says so truthfully; start-up names what is broken.
+//! Neighbour discovery against a fake kube-apiserver speaking the real wire protocol, from
+//! the agents' EndpointSlices (the default) and from pods and nodes (`--discovery=pods`):
+//! pods and nodes come and go, nodes get cordoned, the apiserver fails, refuses, throttles,
+//! serves or refuses streaming lists, and recovers, and discovery says so truthfully;
+//! start-up names what is broken.
 
 mod common;
 
@@ -9,13 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::agent::{get, probed_nodes, results, start, wait_report};
-use common::fake_apiserver::{cordoned, node, pod, FakeApiServer, Fault};
+use common::fake_apiserver::{
+    cordoned, node, not_ready, pod, terminating, with_second_ip, FakeApiServer, Fault, StreamingLists,
+};
 use common::targets::Target;
 use kubenurse::agent::Agent;
 use kubenurse::config::Config;
 
 const NS: &str = "kubenurse";
 const LABELS: &[(&str, &str)] = &[("app", "kubenurse")];
+const PODS_MODE: &str = "--discovery=pods";
 
 struct Cluster {
     api: FakeApiServer,
@@ -24,7 +29,8 @@ struct Cluster {
     agent: Agent,
 }
 
-/// Neighbour agents are plain targets on 127.0.0.11… sharing one port. Failed watches are
+/// Neighbour agents are plain targets on 127.0.0.11… sharing one port. The pods are the
+/// endpoints of the fake's Service `kubenurse`. Discovery starts at once; failed watches are
 /// retried after 100 ms, doubling up to 1 s, so outages clear quickly.
 async fn cluster(extra_args: &[&str]) -> Cluster {
     cluster_with(extra_args, |_| {}).await
@@ -59,7 +65,7 @@ async fn cluster_with(extra_args: &[&str], prepare: impl FnOnce(&FakeApiServer))
         format!("--neighbour-port={port}"),
     ];
     args.extend(api.agent_args(dir.path()));
-    for default in ["--discovery-backoff-base=100ms", "--discovery-backoff-max=1s"] {
+    for default in ["--discovery-backoff-base=100ms", "--discovery-backoff-max=1s", "--discovery-jitter=0s"] {
         let flag = default.split('=').next().unwrap_or_default();
         if !extra_args.iter().any(|a| a.starts_with(flag)) {
             args.push(default.into());
@@ -73,7 +79,7 @@ async fn cluster_with(extra_args: &[&str], prepare: impl FnOnce(&FakeApiServer))
 
 #[tokio::test]
 async fn neighbours_follow_pods_and_nodes() {
-    let c = cluster(&[]).await;
+    let c = cluster(&[PODS_MODE]).await;
     let report = wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
     // The apiserver probes carry the service-account token (the fake rejects requests without).
     let res = results(&report);
@@ -115,12 +121,13 @@ async fn neighbours_follow_pods_and_nodes() {
     // Discovery is list-then-watch: no LIST after the start (one each for pods and nodes).
     assert_eq!(c.api.list_calls("/pods"), 1, "{:?}", c.api.requests());
     assert_eq!(c.api.list_calls("/nodes"), 1);
+    assert!(c.api.requests_to("/endpointslices").is_empty());
     c.agent.stop().await;
 }
 
 #[tokio::test]
 async fn own_node_cordoned_or_gone_makes_the_agent_unready() {
-    let c = cluster(&[]).await;
+    let c = cluster(&[PODS_MODE]).await;
     wait_report(&c.agent, "first round", |r| probed_nodes(r).len() == 2).await;
     let addr = c.agent.local_addr;
     assert_eq!(get(addr, "/ready").await.0, 200);
@@ -146,7 +153,13 @@ async fn eventually_ready(addr: SocketAddr, want: u16) -> bool {
 
 #[tokio::test]
 async fn an_apiserver_outage_keeps_the_last_neighbours_and_recovers() {
-    let c = cluster(&[]).await;
+    for mode in [PODS_MODE, "--discovery=endpointslices"] {
+        an_apiserver_outage_keeps_the_last_neighbours_and_recovers_in(mode).await;
+    }
+}
+
+async fn an_apiserver_outage_keeps_the_last_neighbours_and_recovers_in(mode: &str) {
+    let c = cluster_with(&[mode], |api| assert!(api.delete_pod(NS, "kubenurse-c"))).await;
     wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
 
     c.api.set_fault(Fault::Outage);
@@ -173,13 +186,23 @@ async fn an_apiserver_outage_keeps_the_last_neighbours_and_recovers() {
 
 #[tokio::test]
 async fn an_expired_watch_relists_once_and_keeps_the_set() {
+    an_expired_watch_relists_once_and_keeps_the_set_in(PODS_MODE, "/pods").await;
+}
+
+#[tokio::test]
+async fn an_expired_slice_watch_relists_once_and_keeps_the_set() {
+    an_expired_watch_relists_once_and_keeps_the_set_in("--discovery=endpointslices", "/endpointslices").await;
+}
+
+async fn an_expired_watch_relists_once_and_keeps_the_set_in(mode: &str, agents: &str) {
     let logs = Logs::capture();
-    let c = cluster(&[]).await;
+    let c = cluster_with(&[mode], |api| assert!(api.delete_pod(NS, "kubenurse-c"))).await;
     wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
     c.api.expire_watches();
     c.api.upsert_pod(pod("kubenurse-c", NS, LABELS, "node-c", "127.0.0.13", "Running"));
     wait_report(&c.agent, "c after the re-list", |r| probed_nodes(r) == ["node-a", "node-b", "node-c"]).await;
-    assert_eq!(c.api.list_calls("/pods"), 2, "one list at start, one re-list after 410");
+    assert_eq!(c.api.list_calls(agents), 2, "one list at start, one re-list after 410");
+    assert_eq!(c.api.list_calls("/nodes"), 2);
     // Expiry is routine, not a failure.
     assert!(logs.lines_with(&["kubernetes watch"]).is_empty(), "{:#?}", logs.lines_with(&["kubernetes watch"]));
     c.agent.stop().await;
@@ -206,8 +229,12 @@ async fn missing_rbac_is_reported_in_words_and_nothing_is_probed() {
         .concat(),
     )
     .await;
-    let report = wait_report(&agent, "the 403 is reported", |r| r.neighbourhood.state.contains("forbidden")).await;
-    assert!(report.neighbourhood.state.contains("RBAC permission to list and watch pods in namespace kubenurse"));
+    // EndpointSlices are forbidden, so pods are read instead: they are forbidden too.
+    let report =
+        wait_report(&agent, "the 403 is reported", |r| r.neighbourhood.state.contains("pods: forbidden")).await;
+    let state = &report.neighbourhood.state;
+    assert!(state.contains("RBAC permission to list and watch pods in namespace kubenurse"), "{state}");
+    assert!(state.starts_with("pods mode: the agent pods are read because endpointslices are forbidden"), "{state}");
     assert_eq!(get(agent.local_addr, "/alive").await.0, 500);
     agent.stop().await;
 }
@@ -294,13 +321,26 @@ async fn wait_requests(api: &FakeApiServer, path_suffix: &str, n: usize) {
 
 const NODE_RBAC: &str = concat!(
     "forbidden: the service account lacks RBAC permission to list and watch nodes cluster-wide: ",
-    r#"add a ClusterRole rule {apiGroups: [""], resources: ["nodes"], verbs: ["get","list","watch"]} bound to it"#
+    r#"add a ClusterRole rule {apiGroups: [""], resources: ["nodes"], verbs: ["list","watch"]} bound to it"#
 );
 
 #[tokio::test]
 async fn a_forbidden_node_watch_is_reported_once_and_does_not_hide_the_neighbours() {
+    a_forbidden_node_watch_is_reported_once_and_does_not_hide_the_neighbours_in(PODS_MODE).await;
+}
+
+#[tokio::test]
+async fn a_forbidden_cordoned_node_watch_is_reported_once_and_does_not_hide_the_endpoints() {
+    a_forbidden_node_watch_is_reported_once_and_does_not_hide_the_neighbours_in("--discovery=endpointslices").await;
+}
+
+async fn a_forbidden_node_watch_is_reported_once_and_does_not_hide_the_neighbours_in(mode: &str) {
     let logs = Logs::capture();
-    let c = cluster_with(&[], |api| api.set_resource_fault("nodes", Fault::Forbidden)).await;
+    let c = cluster_with(&[mode], |api| {
+        api.set_resource_fault("nodes", Fault::Forbidden);
+        assert!(api.delete_pod(NS, "kubenurse-c"));
+    })
+    .await;
     let report = wait_report(&c.agent, "the refused node watch is reported", |r| {
         r.neighbourhood.state.contains("nodes: forbidden")
     })
@@ -322,7 +362,7 @@ async fn a_forbidden_node_watch_is_reported_once_and_does_not_hide_the_neighbour
 
 #[tokio::test]
 async fn a_failing_node_watch_shows_until_the_nodes_are_listed_again() {
-    let c = cluster(&[]).await;
+    let c = cluster(&[PODS_MODE]).await;
     wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
     c.api.set_resource_fault("nodes", Fault::ServerError);
     c.api.expire_watches(); // both watches end; pods re-list, the node watch gets 500s
@@ -345,7 +385,7 @@ async fn a_failing_node_watch_shows_until_the_nodes_are_listed_again() {
 
 #[tokio::test]
 async fn after_an_outage_the_state_clears_without_any_change_in_the_cluster() {
-    let c = cluster(&[]).await;
+    let c = cluster(&[PODS_MODE]).await;
     wait_report(&c.agent, "healthy", |r| probed_nodes(r) == ["node-a", "node-b"] && r.neighbourhood.state == "ok")
         .await;
     let lists = c.api.list_calls("/pods") + c.api.list_calls("/nodes");
@@ -367,7 +407,7 @@ async fn after_an_outage_the_state_clears_without_any_change_in_the_cluster() {
 #[tokio::test]
 async fn refused_lists_back_off_exponentially_and_recover_only_after_a_list() {
     let logs = Logs::capture();
-    let c = cluster_with(&["--discovery-backoff-base=100ms", "--discovery-backoff-max=800ms"], |api| {
+    let c = cluster_with(&[PODS_MODE, "--discovery-backoff-base=100ms", "--discovery-backoff-max=800ms"], |api| {
         api.set_resource_fault("nodes", Fault::Forbidden);
         let throttled = Fault::TooManyRequests { retry_after_secs: 2 };
         let (forbidden, error) = (Fault::Forbidden, Fault::ServerError);
@@ -376,8 +416,10 @@ async fn refused_lists_back_off_exponentially_and_recover_only_after_a_list() {
     .await;
     wait_requests(&c.api, "/nodes", 9).await;
     assert!(logs.lines_with(&["recovered"]).is_empty(), "{:#?}", logs.lines_with(&["recovered"]));
+    // Every attempt is a streaming list (a watch): the apiserver refused it before saying
+    // whether it serves them.
     let requests = c.api.requests_to("/nodes");
-    assert!(requests.iter().take(9).all(|r| !r.watch && r.status != 200), "{requests:#?}");
+    assert!(requests.iter().take(9).all(|r| r.query.contains("sendInitialEvents") && r.status != 200), "{requests:#?}");
     let gaps: Vec<Duration> = requests.windows(2).take(8).map(|w| w[1].at - w[0].at).collect();
     // Waits of 100, 200, 400 ms, then the 800 ms cap (each up to a quarter shorter): every
     // wait at least doubles the one two steps before, until the cap stops the growth.
@@ -397,7 +439,7 @@ async fn refused_lists_back_off_exponentially_and_recover_only_after_a_list() {
 
 #[tokio::test]
 async fn two_agent_pods_on_one_node_are_one_neighbour_the_ready_one_then_the_newest() {
-    let c = cluster(&[]).await;
+    let c = cluster(&[PODS_MODE]).await;
     wait_report(&c.agent, "a and b are probed", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
     // A DaemonSet surge: the new pod on node-a runs but is not Ready yet.
     let newer = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(1);
@@ -434,7 +476,7 @@ async fn two_agent_pods_on_one_node_are_one_neighbour_the_ready_one_then_the_new
 #[tokio::test]
 async fn an_unknown_own_node_is_said_at_start_and_in_alive() {
     let logs = Logs::capture();
-    let c = cluster_with(&[], |api| assert!(api.delete_pod(NS, "kubenurse-self"))).await;
+    let c = cluster_with(&[PODS_MODE], |api| assert!(api.delete_pod(NS, "kubenurse-self"))).await;
     let report =
         wait_report(&c.agent, "the unknown node is reported", |r| r.neighbourhood.state.contains("own node unknown"))
             .await;
@@ -482,6 +524,180 @@ async fn without_neighbour_probes_the_own_node_is_still_watched_for_ready() {
     }
 }
 
+// ---- EndpointSlices (the default) ----
+
+#[tokio::test]
+async fn neighbours_are_the_endpoints_ready_or_not_minus_terminating_ones_and_cordoned_nodes() {
+    // Two endpoints per slice (100 in a real cluster): the agent pods span several slices.
+    let c = cluster_with(&[], |api| api.set_max_endpoints_per_slice(2)).await;
+    // kubenurse-c is Pending with an IP: an endpoint, not ready, and a neighbour.
+    let report = wait_report(&c.agent, "a, b and c are probed", |r| {
+        probed_nodes(r) == ["node-a", "node-b", "node-c"] && r.neighbourhood.state == "ok"
+    })
+    .await;
+    assert!(c.api.endpoint_slices(NS).len() >= 2, "several slices");
+    assert_eq!(report.neighbourhood.own_node.as_deref(), Some("node-self"), "read from the own endpoint");
+    let (_, alive) = get(c.agent.local_addr, "/alive").await;
+    assert!(alive.contains(r#""HostIP": """#) && !alive.contains(r#""HostIP": "127"#), "{alive}");
+
+    // A pod that turns NotReady (its node died) stays probed.
+    c.api.upsert_pod(not_ready(pod("kubenurse-a", NS, LABELS, "node-a", "127.0.0.11", "Running")));
+    wait_report(&c.agent, "a is NotReady in the slices", |r| {
+        c.api.endpoint_slices(NS).iter().flat_map(|s| &s.endpoints).any(|e| {
+            e.target_ref.as_ref().and_then(|t| t.name.as_deref()) == Some("kubenurse-a")
+                && e.conditions.as_ref().and_then(|c| c.ready) == Some(false)
+        }) && r.number > report.number
+    })
+    .await;
+    let report = wait_report(&c.agent, "a round after", |r| r.number > report.number + 2).await;
+    assert_eq!(probed_nodes(&report), ["node-a", "node-b", "node-c"], "not ready is still a neighbour");
+
+    // A terminating pod is not; nor is a pod on a cordoned node, until it is uncordoned.
+    c.api.upsert_pod(terminating(pod("kubenurse-b", NS, LABELS, "node-b", "127.0.0.12", "Running")));
+    wait_report(&c.agent, "b (terminating) leaves", |r| probed_nodes(r) == ["node-a", "node-c"]).await;
+    c.api.upsert_node(cordoned(node("node-c")));
+    wait_report(&c.agent, "c (cordoned) leaves", |r| probed_nodes(r) == ["node-a"]).await;
+    c.api.upsert_node(node("node-c"));
+    wait_report(&c.agent, "c is back", |r| probed_nodes(r) == ["node-a", "node-c"]).await;
+    // A finished pod has no endpoint.
+    c.api.upsert_pod(pod("kubenurse-a", NS, LABELS, "node-a", "127.0.0.11", "Failed"));
+    wait_report(&c.agent, "a (failed) leaves", |r| probed_nodes(r) == ["node-c"]).await;
+
+    // One list of slices and one of cordoned nodes at start, then only watches; pods and the
+    // other nodes are never read.
+    assert_eq!(c.api.list_calls("/endpointslices"), 1, "{:#?}", c.api.requests());
+    let nodes = c.api.requests_to("/nodes");
+    assert!(nodes.iter().all(|r| r.query.contains("fieldSelector=spec.unschedulable%3Dtrue")), "{nodes:#?}");
+    assert_eq!(c.api.list_calls("/nodes"), 1);
+    assert!(c.api.requests_to("/pods").is_empty());
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn dual_stack_slices_probe_the_ipv4_address_and_keep_both() {
+    let c = cluster_with(&[], |api| {
+        assert!(api.delete_pod(NS, "kubenurse-c"));
+        for (name, node_name, ip) in [("kubenurse-a", "node-a", "127.0.0.11"), ("kubenurse-b", "node-b", "127.0.0.12")]
+        {
+            api.upsert_pod(with_second_ip(pod(name, NS, LABELS, node_name, ip, "Running"), "::1"));
+        }
+    })
+    .await;
+    let report = wait_report(&c.agent, "a and b are probed", |r| {
+        probed_nodes(r) == ["node-a", "node-b"] && results(r).values().all(|v| v == "ok")
+    })
+    .await;
+    let families: Vec<String> = c.api.endpoint_slices(NS).into_iter().map(|s| s.address_type).collect();
+    assert!(families.contains(&"IPv4".to_string()) && families.contains(&"IPv6".to_string()), "{families:?}");
+    let a = report.neighbourhood.neighbours.iter().find(|n| n.pod_name == "kubenurse-a").expect("a");
+    assert_eq!(a.pod_ip, "127.0.0.11", "the IPv4 address is probed");
+    assert_eq!(a.pod_ips, ["127.0.0.11", "::1"], "both addresses are kept");
+    let hits: usize = c.targets[..2].iter().map(|t| t.hits.load(std::sync::atomic::Ordering::SeqCst)).sum();
+    assert!(hits > 0, "the IPv4 targets answered the probes");
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_cordoned_own_node_makes_the_agent_unready_with_endpoint_slices() {
+    let c = cluster(&[]).await;
+    wait_report(&c.agent, "first round", |r| r.neighbourhood.state == "ok").await;
+    let addr = c.agent.local_addr;
+    assert!(eventually_ready(addr, 200).await);
+    c.api.upsert_node(cordoned(node("node-self")));
+    assert!(eventually_ready(addr, 503).await, "cordoned own node must make /ready 503");
+    c.api.upsert_node(node("node-self"));
+    assert!(eventually_ready(addr, 200).await);
+    assert!(c.api.requests_to("/pods").is_empty(), "the own node is read from the own endpoint");
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn allowing_unschedulable_nodes_watches_no_node_at_all() {
+    let c = cluster_with(&["--allow-unschedulable=true"], |api| {
+        api.upsert_node(cordoned(node("node-a")));
+        api.upsert_node(cordoned(node("node-self")));
+    })
+    .await;
+    wait_report(&c.agent, "a (cordoned) is probed too", |r| {
+        probed_nodes(r) == ["node-a", "node-b", "node-c"] && r.neighbourhood.state == "ok"
+    })
+    .await;
+    assert!(eventually_ready(c.agent.local_addr, 200).await, "the own cordon is not watched");
+    assert!(c.api.requests_to("/nodes").is_empty() && c.api.requests_to("/pods").is_empty());
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn forbidden_endpoint_slices_fall_back_to_pods_said_once_and_in_alive() {
+    let logs = Logs::capture();
+    let c = cluster_with(&[], |api| api.set_resource_fault("endpointslices", Fault::Forbidden)).await;
+    // Pods mode: the Pending kubenurse-c is not a neighbour.
+    let report = wait_report(&c.agent, "neighbours from the pods", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
+    let state = &report.neighbourhood.state;
+    assert!(state.starts_with("pods mode: the agent pods are read because endpointslices are forbidden"), "{state}");
+    let rule = r#"add a Role rule {apiGroups: ["discovery.k8s.io"], resources: ["endpointslices"], verbs: ["get","list","watch"]} in namespace kubenurse"#;
+    assert!(state.contains(rule) && state.ends_with("or set KUBENURSE_DISCOVERY=pods"), "{state}");
+    let (status, alive) = get(c.agent.local_addr, "/alive").await;
+    assert_eq!(status, 500, "{alive}");
+    assert!(alive.contains("pods mode") && alive.contains("endpointslices"), "{alive}");
+
+    // One refused request, one log line; neighbours keep following the pods.
+    c.api.upsert_pod(pod("kubenurse-c", NS, LABELS, "node-c", "127.0.0.13", "Running"));
+    wait_report(&c.agent, "c joins", |r| probed_nodes(r) == ["node-a", "node-b", "node-c"]).await;
+    assert_eq!(c.api.requests_to("/endpointslices").len(), 1);
+    assert_eq!(logs.lines_with(&["EndpointSlices are forbidden", "KUBENURSE_DISCOVERY=pods"]).len(), 1);
+    // The cordoned-node watch of endpointslices mode stays.
+    assert!(c.api.requests_to("/nodes").iter().all(|r| r.query.contains("spec.unschedulable")));
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn refused_streaming_lists_fall_back_to_paginated_lists_once() {
+    let logs = Logs::capture();
+    let c = cluster(&[]).await;
+    wait_report(&c.agent, "healthy", |r| r.neighbourhood.state == "ok" && probed_nodes(r).len() == 3).await;
+    for resource in ["/endpointslices", "/nodes"] {
+        let requests = c.api.requests_to(resource);
+        let (lists, watches): (Vec<_>, Vec<_>) = requests.iter().partition(|r| !r.watch);
+        assert_eq!(lists.len(), 1, "{resource}: one paginated list: {requests:#?}");
+        // At most one refused streaming list per watch: the two watches may both ask
+        // before either learns the answer.
+        let refused = watches.iter().filter(|r| r.status == 422).count();
+        assert!(refused <= 1 && watches.iter().all(|r| r.status == 422 || r.status == 200), "{requests:#?}");
+    }
+    let refused = c.api.requests().iter().filter(|r| r.status == 422).count();
+    assert!(refused >= 1);
+    assert_eq!(logs.lines_with(&["refuses streaming lists"]).len(), 1, "said once for all watches");
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn served_streaming_lists_need_no_list_request_at_all() {
+    let c = cluster_with(&[], |api| api.set_streaming_lists(StreamingLists::Accepted)).await;
+    wait_report(&c.agent, "healthy", |r| r.neighbourhood.state == "ok" && probed_nodes(r).len() == 3).await;
+    c.api.expire_watches();
+    c.api.upsert_pod(pod("kubenurse-c", NS, LABELS, "node-c", "127.0.0.13", "Failed"));
+    wait_report(&c.agent, "c leaves after the watches expired", |r| probed_nodes(r) == ["node-a", "node-b"]).await;
+    assert_eq!(c.api.list_calls("/endpointslices") + c.api.list_calls("/nodes"), 0, "{:#?}", c.api.requests());
+    let streaming = |r: &&common::fake_apiserver::RequestRecord| r.query.contains("sendInitialEvents=true");
+    assert!(c.api.requests_to("/endpointslices").iter().filter(streaming).count() >= 2, "at start and after 410");
+    c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn discovery_starts_after_its_random_delay_and_the_first_round_does_not_wait() {
+    // A delay of up to an hour: the first round runs at once with the other probes.
+    let c = cluster(&["--discovery-jitter=1h"]).await;
+    let report = wait_report(&c.agent, "the first round", |r| r.number >= 1).await;
+    assert!(probed_nodes(&report).is_empty());
+    assert_eq!(results(&report).get("api_server_direct").map(String::as_str), Some("ok"));
+    assert!(report.neighbourhood.state.contains("endpointslices: waiting for the first list"));
+    assert!(eventually_ready(c.agent.local_addr, 200).await);
+    let discovery = |r: &common::fake_apiserver::RequestRecord| r.path != "/version";
+    assert!(!c.api.requests().iter().any(discovery), "nothing listed yet: {:#?}", c.api.requests());
+    c.agent.stop().await;
+}
+
 /// A config for an in-cluster agent talking to `api` with the service account in `dir`.
 fn in_cluster_config(api: &FakeApiServer, dir: &std::path::Path) -> Config {
     let mut args = vec!["--listen-addr=127.0.0.10:0".to_owned()];
@@ -522,7 +738,8 @@ async fn a_broken_service_account_mount_is_named_at_start() {
 
 #[tokio::test]
 async fn kubeconfig_lists_several_files_and_they_are_merged_as_kubectl_does() {
-    let c = cluster(&[]).await; // provides the pods, nodes and neighbour targets
+    // Provides the pods (kubenurse-c not yet scheduled), nodes and neighbour targets.
+    let c = cluster_with(&[], |api| assert!(api.delete_pod(NS, "kubenurse-c"))).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca.crt");
     std::fs::write(&ca, &c.api.ca_pem).expect("write ca");
@@ -549,6 +766,7 @@ async fn kubeconfig_lists_several_files_and_they_are_merged_as_kubectl_does() {
         "--neighbour-filter=app=kubenurse".into(),
         "--pod-name=kubenurse-self".into(),
         format!("--neighbour-port={port}"),
+        "--discovery-jitter=0s".into(),
         format!("--kubeconfig={}", paths.to_string_lossy()),
     ])
     .await;

@@ -4,9 +4,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::fake_apiserver::{cordoned, node, node_with_images, pod, FakeApiServer, Fault};
+use common::fake_apiserver::{
+    cordoned, in_zone, node, node_with_images, not_ready, pod, terminating, with_second_ip, FakeApiServer, Fault,
+    StreamingLists,
+};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
@@ -409,4 +413,150 @@ async fn many_concurrent_clients() {
     .await
     .expect("concurrent lists finish");
     assert_eq!(server.list_calls("/nodes"), 80);
+}
+
+/// (pod, address, ready, terminating) of every endpoint of `slice`, in slice order.
+fn endpoints(slice: &EndpointSlice) -> Vec<(String, String, bool, bool)> {
+    slice
+        .endpoints
+        .iter()
+        .map(|e| {
+            let pod = e.target_ref.as_ref().and_then(|t| t.name.clone()).unwrap_or_default();
+            let c = e.conditions.clone().unwrap_or_default();
+            (pod, e.addresses[0].clone(), c.ready.unwrap_or(true), c.terminating.unwrap_or(false))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn endpoint_slices_follow_the_pods_of_the_service_per_family_and_shard() {
+    let server = FakeApiServer::start().await;
+    server.upsert_node(in_zone(node("node-a"), "zone-1"));
+    server.upsert_pod(with_second_ip(nurse("a", "node-a", "10.0.0.1"), "fd00::1"));
+    server.upsert_pod(not_ready(nurse("b", "node-b", "10.0.0.2")));
+    server.upsert_pod(terminating(nurse("c", "node-c", "10.0.0.3")));
+    server.upsert_pod(pod("done", NS, &[("app", "kubenurse")], "node-d", "10.0.0.4", "Failed"));
+    server.upsert_pod(pod("no-ip", NS, &[("app", "kubenurse")], "", "", "Pending"));
+    server.upsert_pod(pod("other", NS, &[("app", "other")], "node-a", "10.0.0.5", "Running"));
+
+    let api: Api<EndpointSlice> = Api::namespaced(server.kube_client(), NS);
+    let list = api.list(&ListParams::default().labels("kubernetes.io/service-name=kubenurse")).await.expect("list");
+    let by_family = |family: &str| list.items.iter().filter(|s| s.address_type == family).collect::<Vec<_>>();
+    let (v4, v6) = (by_family("IPv4"), by_family("IPv6"));
+    assert_eq!((v4.len(), v6.len()), (1, 1), "{list:#?}");
+    let expected = [
+        ("a".to_string(), "10.0.0.1".to_string(), true, false),
+        ("b".into(), "10.0.0.2".into(), false, false),
+        ("c".into(), "10.0.0.3".into(), false, true),
+    ];
+    assert_eq!(endpoints(v4[0]), expected, "finished, unaddressed and unselected pods are no endpoints");
+    assert_eq!(endpoints(v6[0]), [("a".to_string(), "fd00::1".to_string(), true, false)]);
+    let a = &v4[0].endpoints[0];
+    assert_eq!((a.node_name.as_deref(), a.zone.as_deref()), (Some("node-a"), Some("zone-1")));
+    let c = v4[0].endpoints[2].conditions.clone().expect("conditions");
+    assert_eq!(c.serving, Some(true), "a terminating pod still serves while Ready");
+    assert_eq!(v4[0].metadata.resource_version, server.endpoint_slices(NS)[0].metadata.resource_version);
+
+    // 100 endpoints per slice: the 101st opens a second slice; a pod that goes frees its
+    // place, the next one takes it, and nothing else moves.
+    for i in 0..98 {
+        server.upsert_pod(nurse(&format!("n{i:03}"), "node-x", &format!("10.1.0.{i}")));
+    }
+    let sizes = |server: &FakeApiServer| {
+        let slices = server.endpoint_slices(NS);
+        slices.iter().filter(|s| s.address_type == "IPv4").map(|s| s.endpoints.len()).collect::<Vec<_>>()
+    };
+    assert_eq!(sizes(&server), [100, 1]);
+    let second = server.endpoint_slices(NS).into_iter().find(|s| s.endpoints.len() == 1).expect("second slice");
+    server.delete_pod(NS, "b");
+    server.upsert_pod(nurse("z", "node-z", "10.2.0.1"));
+    assert_eq!(sizes(&server), [100, 1]);
+    let now = server.endpoint_slices(NS).into_iter().find(|s| s.metadata.name == second.metadata.name);
+    assert_eq!(now.map(|s| s.metadata.resource_version), Some(second.metadata.resource_version), "untouched");
+    let first = server.endpoint_slices(NS).into_iter().find(|s| s.endpoints.len() == 100).expect("first slice");
+    let pods: Vec<String> = endpoints(&first).into_iter().map(|e| e.0).collect();
+    assert!(pods.contains(&"z".to_string()) && !pods.contains(&"b".to_string()), "z took b's place: {pods:?}");
+
+    // A Service of its own, and its removal.
+    server.upsert_service(NS, "others", &[("app", "other")]);
+    let others = api.list(&ListParams::default().labels("kubernetes.io/service-name=others")).await.expect("list");
+    assert_eq!(others.items.len(), 1);
+    server.delete_service(NS, "others");
+    let others = api.list(&ListParams::default().labels("kubernetes.io/service-name=others")).await.expect("list");
+    assert!(others.items.is_empty());
+}
+
+#[tokio::test]
+async fn endpoint_slices_are_watched_paginated_and_expire_like_pods() {
+    let server = FakeApiServer::start().await;
+    server.set_max_endpoints_per_slice(1);
+    server.upsert_pod(nurse("a", "node-a", "10.0.0.1"));
+    server.upsert_pod(nurse("b", "node-b", "10.0.0.2"));
+    let api: Api<EndpointSlice> = Api::namespaced(server.kube_client(), NS);
+    let cfg = watcher::Config::default().labels("kubernetes.io/service-name=kubenurse").page_size(1);
+    let mut events = watcher(api, cfg).boxed();
+    let (_, initial) = wait_for(&mut events, |e| matches!(e, Ok(Event::InitDone))).await;
+    assert_eq!(initial.iter().filter(|e| matches!(e, Ok(Event::InitApply(_)))).count(), 2);
+    assert_eq!(server.list_calls("/endpointslices"), 2, "one slice per page");
+
+    // A pod turning NotReady changes its endpoint: the slice is MODIFIED.
+    server.upsert_pod(not_ready(nurse("b", "node-b", "10.0.0.2")));
+    let (event, _) = wait_for(&mut events, |e| matches!(e, Ok(Event::Apply(_)))).await;
+    let Ok(Event::Apply(slice)) = event else { unreachable!() };
+    assert_eq!(endpoints(&slice), [("b".to_string(), "10.0.0.2".to_string(), false, false)]);
+
+    server.expire_watches();
+    let _ = wait_for(&mut events, |e| matches!(e, Ok(Event::InitDone))).await;
+    assert_eq!(server.list_calls("/endpointslices"), 4, "re-listed after 410");
+    server.delete_pod(NS, "a");
+    let _ = wait_for(&mut events, |e| matches!(e, Ok(Event::Delete(_)))).await;
+
+    // Forbidden, with the API group named.
+    server.set_resource_fault("endpointslices", Fault::Forbidden);
+    let api: Api<EndpointSlice> = Api::namespaced(server.kube_client(), NS);
+    let status = api_error(api.list(&ListParams::default()).await.expect_err("403"));
+    assert!(status.message.starts_with("endpointslices.discovery.k8s.io is forbidden"), "{}", status.message);
+    assert!(status.message.contains(r#"resource "endpointslices" in API group "discovery.k8s.io""#));
+}
+
+#[tokio::test]
+async fn streaming_lists_are_refused_with_422_or_served_with_an_end_bookmark() {
+    let server = FakeApiServer::start().await;
+    server.upsert_pod(nurse("a", "node-a", "10.0.0.1"));
+    server.upsert_pod(nurse("b", "node-b", "10.0.0.2"));
+    let api: Api<Pod> = Api::namespaced(server.kube_client(), NS);
+    let wp = WatchParams::streaming_lists().labels("app=kubenurse");
+
+    // A 1.33 apiserver with the WatchList feature gate off (its default).
+    let status = api_error(api.watch(&wp, "0").await.err().expect("422"));
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert!(status.message.contains("sendInitialEvents is forbidden for watch unless the WatchList feature gate"));
+    // kube's watcher would send that request again and again.
+    let cfg = watcher::Config::default().labels("app=kubenurse").streaming_lists();
+    let mut refused = watcher(api.clone(), cfg.clone()).boxed();
+    for _ in 0..3 {
+        assert!(matches!(next(&mut refused).await, Err(watcher::Error::WatchStartFailed(_))));
+    }
+
+    // Served: the objects, the end bookmark, then changes; no LIST at all.
+    server.set_streaming_lists(StreamingLists::Accepted);
+    let mut stream = api.watch(&wp, "0").await.expect("watch").boxed();
+    let mut added = Vec::new();
+    let bookmark = loop {
+        match next(&mut stream).await.expect("event") {
+            WatchEvent::Added(p) => added.push(p),
+            WatchEvent::Bookmark(bm) => break bm,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(names(&added), ["a", "b"]);
+    assert_eq!(bookmark.metadata.annotations.get("k8s.io/initial-events-end").map(String::as_str), Some("true"));
+    server.upsert_pod(nurse("c", "node-c", "10.0.0.3"));
+    assert!(matches!(next(&mut stream).await, Ok(WatchEvent::Added(p)) if p.name_any() == "c"));
+
+    let mut events = watcher(api, cfg).boxed();
+    let (_, initial) = wait_for(&mut events, |e| matches!(e, Ok(Event::InitDone))).await;
+    assert_eq!(initial.iter().filter(|e| matches!(e, Ok(Event::InitApply(_)))).count(), 3);
+    assert_eq!(server.list_calls("/pods"), 0);
+    assert!(server.peak_concurrent_lists() >= 1, "a streaming list counts as a list while it runs");
 }

@@ -12,6 +12,9 @@ pub mod otel;
 /// Exit status for bad configuration (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
+/// The longest duration any option accepts.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Prometheus' classic buckets, in seconds.
 pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -68,6 +71,15 @@ pub enum DiscoveryMode {
 /// The longest default discovery jitter, whatever the check interval.
 const MAX_DEFAULT_JITTER: Duration = Duration::from_secs(60);
 
+/// How much the neighbour probes record (`KUBENURSE_METRICS_DETAIL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsDetail {
+    /// Every instrument for every probe, as the Go agent.
+    Full,
+    /// Neighbour probes skip the per-event histogram (the largest share of the series).
+    Lean,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -86,7 +98,8 @@ pub struct Config {
     /// URL of the agent's own service; `/alwayshappy` is appended (probe `me_service`).
     #[arg(long, env = "KUBENURSE_SERVICE_URL", value_parser = parse_base_url)]
     pub service_url: Option<String>,
-    /// Skip TLS certificate verification on every probe.
+    /// Skip TLS certificate verification on every probe but the apiserver probes, which carry
+    /// the service-account token and always verify.
     #[arg(long, env = "KUBENURSE_INSECURE", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub insecure: bool,
     /// PEM file with extra CA certificates to trust, on top of the system roots and the
@@ -212,6 +225,14 @@ pub struct Config {
     /// most 1m].
     #[arg(long, env = "KUBENURSE_DISCOVERY_JITTER", value_parser = parse_duration)]
     pub discovery_jitter: Option<Duration>,
+    /// `full`: every instrument for every probe, as the Go agent; `lean`: neighbour probes
+    /// record request duration, requests and errors, and no per-event histogram.
+    #[arg(long, env = "KUBENURSE_METRICS_DETAIL", value_enum, default_value = "full")]
+    pub metrics_detail: MetricsDetail,
+    /// Series of probe types no longer probed (a neighbour that left) are dropped by
+    /// restarting every series, at most this often; 0s keeps them until the agent restarts.
+    #[arg(long, env = "KUBENURSE_SERIES_RESET_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub series_reset_interval: Duration,
     /// Log format.
     #[arg(long, env = "KUBENURSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -333,6 +354,24 @@ impl Config {
                 return Err(ConfigError::new(variable, "0s", "must be greater than zero"));
             }
         }
+        // Durations far beyond any sensible value would overflow instants and deadlines.
+        let durations = [
+            ("KUBENURSE_CHECK_INTERVAL", self.check_interval),
+            ("KUBENURSE_CHECK_TIMEOUT", self.check_timeout),
+            ("KUBENURSE_SHUTDOWN_DURATION", self.shutdown_duration),
+            ("KUBENURSE_SLOW_THRESHOLD", self.slow_threshold),
+            ("KUBENURSE_DISCOVERY_BACKOFF_BASE", self.discovery_backoff_base),
+            ("KUBENURSE_DISCOVERY_BACKOFF_MAX", self.discovery_backoff_max),
+        ];
+        for (variable, value) in durations {
+            if value > MAX_DURATION {
+                return Err(ConfigError::new(
+                    variable,
+                    humantime::format_duration(value).to_string(),
+                    "must be at most 1 day",
+                ));
+            }
+        }
         if self.discovery_backoff_base.is_zero() {
             return Err(ConfigError::new("KUBENURSE_DISCOVERY_BACKOFF_BASE", "0s", "must be greater than zero"));
         }
@@ -442,7 +481,11 @@ fn check_label(variable: &str, name: &str) -> Result<(), ConfigError> {
         || !edges_ok
         || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(ConfigError::new(variable, name, "not a Service name (a DNS label: lowercase letters, digits, '-')"));
+        return Err(ConfigError::new(
+            variable,
+            name,
+            "not a Service name (a DNS label: lowercase letters, digits, '-')",
+        ));
     }
     Ok(())
 }
@@ -667,6 +710,9 @@ mod tests {
             (&["--extra-ca=/nonexistent/ca.pem"], "KUBENURSE_EXTRA_CA"),
             (&["--kubernetes-service-port=https"], "KUBERNETES_SERVICE_PORT"),
             (&["--pod-name=Bad_Name"], "KUBENURSE_POD_NAME"),
+            (&["--check-timeout=300000000000y"], "KUBENURSE_CHECK_TIMEOUT"),
+            (&["--check-interval=2d"], "KUBENURSE_CHECK_INTERVAL"),
+            (&["--discovery-backoff-max=1000y"], "KUBENURSE_DISCOVERY_BACKOFF_MAX"),
         ];
         for (args, variable) in cases {
             let err = parse(args).expect_err(&format!("{args:?} must be rejected"));
@@ -773,6 +819,23 @@ mod tests {
             ("KUBENURSE_NEIGHBOUR_SERVICE", "kube.nurse"),
             ("KUBENURSE_DISCOVERY_JITTER", "soon"),
         ] {
+            let err = parse_env(&[], &[(variable, value)]).expect_err(value);
+            assert!(err.contains(variable) && !err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn metrics_detail_and_series_reset_interval() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.metrics_detail, MetricsDetail::Full, "Go-compatible by default");
+        assert_eq!(c.series_reset_interval, Duration::from_secs(600));
+        let c = parse_env(
+            &[],
+            &[("KUBENURSE_METRICS_DETAIL", "lean"), ("KUBENURSE_SERIES_RESET_INTERVAL", "0s")],
+        )
+        .expect("valid");
+        assert_eq!((c.metrics_detail, c.series_reset_interval), (MetricsDetail::Lean, Duration::ZERO));
+        for (variable, value) in [("KUBENURSE_METRICS_DETAIL", "minimal"), ("KUBENURSE_SERIES_RESET_INTERVAL", "often")] {
             let err = parse_env(&[], &[(variable, value)]).expect_err(value);
             assert!(err.contains(variable) && !err.contains('\n'), "{err}");
         }

@@ -214,17 +214,21 @@ struct Inner {
 }
 
 enum Mode {
-    None,
-    Static(Vec<Neighbour>),
+    /// No neighbours (the neighbourhood is `skipped`).
+    Fixed(Arc<Neighbourhood>),
     Kubernetes(KubeMode),
 }
 
 impl Discovery {
     /// Starts discovery; Kubernetes watches run on spawned tasks until the process ends.
     pub fn start(source: Source) -> Self {
+        let fixed = |state: &str, neighbours| {
+            let neighbourhood = Neighbourhood { state: state.into(), neighbours, own_node: None };
+            Mode::Fixed(Arc::new(neighbourhood))
+        };
         let (mode, kube) = match source {
-            Source::None => (Mode::None, None),
-            Source::Static(list) => (Mode::Static(static_list::neighbours(&list)), None),
+            Source::None => (fixed("skipped", Vec::new()), None),
+            Source::Static(list) => (fixed("ok", static_list::neighbours(&list)), None),
             Source::Kubernetes(k) => {
                 let mode = KubeMode {
                     own_pod: k.own_pod.clone(),
@@ -328,8 +332,7 @@ impl Discovery {
         let api: Api<SlimEndpointSlice> = Api::namespaced(k.client.clone(), &k.service_namespace);
         let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", k.service));
         let subject = Subject::of::<SlimEndpointSlice>(Some(&k.service_namespace), NAMESPACED_VERBS);
-        let Err(Forbidden(error)) = watch::run(self.clone(), api, config, subject, settings.clone(), true).await
-        else {
+        let Err(Forbidden(error)) = watch::run(self.clone(), api, config, subject, settings.clone(), true).await else {
             return;
         };
         tracing::warn!(
@@ -395,14 +398,16 @@ impl Discovery {
 
     /// The eligible neighbours now, and what is wrong with discovery, if anything.
     pub fn neighbourhood(&self) -> Neighbourhood {
-        let m = match &self.inner.mode {
-            Mode::None => return Neighbourhood { state: "skipped".into(), ..Default::default() },
-            Mode::Static(list) => {
-                return Neighbourhood { state: "ok".into(), neighbours: list.clone(), own_node: None };
-            }
-            Mode::Kubernetes(m) => m,
-        };
-        self.lock().neighbourhood(m)
+        Neighbourhood::clone(&self.shared_neighbourhood())
+    }
+
+    /// [`Self::neighbourhood`] without a copy: the same `Arc` until discovery learns of a
+    /// change, so a reader can tell with `Arc::ptr_eq` that nothing changed (and skip work).
+    pub fn shared_neighbourhood(&self) -> Arc<Neighbourhood> {
+        match &self.inner.mode {
+            Mode::Fixed(neighbourhood) => neighbourhood.clone(),
+            Mode::Kubernetes(m) => self.lock().neighbourhood(m),
+        }
     }
 
     /// True when `pod` is an agent pod discovery knows of (with EndpointSlices: an endpoint's
@@ -486,6 +491,17 @@ mod tests {
         assert_eq!(healthy_after(Duration::from_secs(1)), Duration::from_secs(10));
         assert_eq!(healthy_after(Duration::from_millis(100)), Duration::from_secs(1));
         assert_eq!(healthy_after(Duration::from_secs(60)), Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn the_shared_neighbourhood_stays_the_same_until_a_change() {
+        let list = crate::config::Config::from_flags(["--neighbours=node-a=127.0.0.2:8080"]).expect("config");
+        let discovery = Discovery::start(Source::Static(list.neighbours.expect("neighbours")));
+        let first = discovery.shared_neighbourhood();
+        assert!(Arc::ptr_eq(&first, &discovery.shared_neighbourhood()));
+        assert_eq!(discovery.neighbourhood().neighbours[0].node_name, "node-a");
+        let none = Discovery::start(Source::None);
+        assert_eq!(none.neighbourhood().state, "skipped");
     }
 
     #[test]

@@ -69,7 +69,14 @@ impl Watched for SlimNode {
     }
 }
 
-slim_resource!(SlimNode, group = "", version = "v1", kind = "Node", plural = "nodes", k8s_openapi::ClusterResourceScope);
+slim_resource!(
+    SlimNode,
+    group = "",
+    version = "v1",
+    kind = "Node",
+    plural = "nodes",
+    k8s_openapi::ClusterResourceScope
+);
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,7 @@
 macro_rules! slim_resource {
     ($ty:ty, group = $group:literal, version = $version:literal, kind = $kind:literal, plural = $plural:literal, $scope:ty) => {
         impl k8s_openapi::Resource for $ty {
-            const API_VERSION: &'static str =
-                if $group.is_empty() { $version } else { concat!($group, "/", $version) };
+            const API_VERSION: &'static str = if $group.is_empty() { $version } else { concat!($group, "/", $version) };
             const GROUP: &'static str = $group;
             const KIND: &'static str = $kind;
             const VERSION: &'static str = $version;

@@ -5,6 +5,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -90,7 +91,7 @@ pub(super) struct Store {
 
 #[derive(Debug)]
 struct Derived {
-    neighbourhood: Neighbourhood,
+    neighbourhood: Arc<Neighbourhood>,
     /// Every agent pod known, eligible or not.
     known: HashSet<String>,
 }
@@ -135,8 +136,8 @@ impl Store {
     }
 
     /// The neighbours and the state: `ok` (`skipped` when only the own node is watched), or
-    /// every problem, `; `-separated.
-    pub fn neighbourhood(&mut self, m: &KubeMode) -> Neighbourhood {
+    /// every problem, `; `-separated. The same `Arc` until the next change.
+    pub fn neighbourhood(&mut self, m: &KubeMode) -> Arc<Neighbourhood> {
         self.derived(m).neighbourhood.clone()
     }
 
@@ -217,7 +218,7 @@ impl Store {
             (true, false) => "skipped".to_owned(),
         };
         let neighbours = if m.neighbourhood { neighbours } else { Vec::new() };
-        Derived { neighbourhood: Neighbourhood { state, neighbours, own_node }, known }
+        Derived { neighbourhood: Arc::new(Neighbourhood { state, neighbours, own_node }), known }
     }
 
     /// The agent pods that may be probed, one per node, and the names of all agent pods.
@@ -330,7 +331,7 @@ mod tests {
     }
 
     fn picked(pods: &[(&str, PodInfo)]) -> Vec<String> {
-        store(pods).neighbourhood(&mode()).neighbours.into_iter().map(|n| n.pod_name).collect()
+        store(pods).neighbourhood(&mode()).neighbours.iter().map(|n| n.pod_name.clone()).collect()
     }
 
     #[test]
@@ -354,6 +355,15 @@ mod tests {
         s.nodes.objects.clear();
         s.changed();
         assert_eq!(s.neighbourhood(&mode()).neighbours.len(), 2);
+    }
+
+    #[test]
+    fn the_neighbourhood_is_kept_until_a_change() {
+        let mut s = store(&[("a", pod("node-a", true, 1))]);
+        let first = s.neighbourhood(&mode());
+        assert!(Arc::ptr_eq(&first, &s.neighbourhood(&mode())), "read twice, derived once");
+        s.changed();
+        assert!(!Arc::ptr_eq(&first, &s.neighbourhood(&mode())));
     }
 
     fn endpoint(pod: &str, node: &str, address: &str, ready: bool, terminating: bool) -> Endpoint {
@@ -382,9 +392,10 @@ mod tests {
             endpoint("c", "node-c", "10.0.0.4", false, true),
             endpoint("d", "node-d", "10.0.0.5", true, false),
         ];
-        let mut s = slices_store(&[("s1", slice), ("s2", vec![endpoint("e", "node-e", "10.0.0.6", true, false)])], &[
-            "node-d", "node-self",
-        ]);
+        let mut s = slices_store(
+            &[("s1", slice), ("s2", vec![endpoint("e", "node-e", "10.0.0.6", true, false)])],
+            &["node-d", "node-self"],
+        );
         let m = mode();
         let n = s.neighbourhood(&m);
         let names: Vec<&str> = n.neighbours.iter().map(|n| n.pod_name.as_str()).collect();

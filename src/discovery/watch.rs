@@ -341,10 +341,8 @@ mod tests {
             r#"add a ClusterRole rule {apiGroups: [""], resources: ["nodes"], verbs: ["list","watch"]} bound to it"#
         );
         assert!(text.starts_with(expected), "{text}");
-        let slices = Subject::of::<k8s_openapi::api::discovery::v1::EndpointSlice>(
-            Some("kubenurse"),
-            &["get", "list", "watch"],
-        );
+        let slices =
+            Subject::of::<k8s_openapi::api::discovery::v1::EndpointSlice>(Some("kubenurse"), &["get", "list", "watch"]);
         let text = slices.describe(&status(403, "Forbidden", "endpointslices is forbidden"));
         let rule = r#"{apiGroups: ["discovery.k8s.io"], resources: ["endpointslices"], verbs: ["get","list","watch"]}"#;
         assert!(text.contains(&format!("list and watch endpointslices in namespace kubenurse: add a Role rule {rule}")));

@@ -433,8 +433,8 @@ struct Shared {
     state: Mutex<State>,
     signal: watch::Sender<Signal>,
     bytes: AtomicU64,
-    /// Lists being answered now (a paginated LIST until its body is sent, a streaming list
-    /// until its initial-events-end bookmark), and the most at once.
+    /// Lists in progress (a paginated list from its first page's request until its last page
+    /// is sent, a streaming list until its initial-events-end bookmark), and the most at once.
     lists: AtomicUsize,
     peak_lists: AtomicUsize,
     token: String,
@@ -455,13 +455,23 @@ impl Shared {
     }
 }
 
-/// One list in flight, for `peak_concurrent_lists`.
+/// The end of a list in progress, for `peak_concurrent_lists`: it ends when this drops.
 struct ListGuard(Arc<Shared>);
 
 impl ListGuard {
+    /// A list begins.
     fn new(shared: &Arc<Shared>) -> Self {
+        Self::begin(shared);
+        Self(shared.clone())
+    }
+
+    fn begin(shared: &Shared) {
         let now = shared.lists.fetch_add(1, Relaxed) + 1;
         shared.peak_lists.fetch_max(now, Relaxed);
+    }
+
+    /// The list begun earlier (its first page) ends with this one.
+    fn ending(shared: &Arc<Shared>) -> Self {
         Self(shared.clone())
     }
 }
@@ -567,7 +577,7 @@ impl FakeApiServer {
         st.services.insert(key, Service { uid, selectors: vec![selector] });
         st.slices_stale = true;
         drop(st);
-        self.shared.lock_synced();
+        drop(self.shared.lock_synced());
     }
     /// Deletes Service `ns/name`, and with it its EndpointSlices.
     pub fn delete_service(&self, ns: &str, name: &str) {
@@ -575,7 +585,7 @@ impl FakeApiServer {
         st.services.remove(&(ns.to_string(), name.to_string()));
         st.slices_stale = true;
         drop(st);
-        self.shared.lock_synced();
+        drop(self.shared.lock_synced());
     }
     /// The EndpointSlices of namespace `ns` now, by name.
     pub fn endpoint_slices(&self, ns: &str) -> Vec<EndpointSlice> {
@@ -588,6 +598,8 @@ impl FakeApiServer {
         let mut st = self.shared.lock();
         st.max_endpoints_per_slice = max.max(1);
         st.slices_stale = true;
+        drop(st);
+        drop(self.shared.lock_synced());
     }
     /// Whether streaming lists are served (by default they are refused, as by a default 1.33).
     pub fn set_streaming_lists(&self, streaming: StreamingLists) {
@@ -711,7 +723,9 @@ impl FakeApiServer {
     pub fn response_bytes(&self) -> u64 {
         self.shared.bytes.load(Relaxed)
     }
-    /// The most lists answered at the same time since the start (or `clear_requests`).
+    /// The most lists in progress at the same time since the start (or `clear_requests`): a
+    /// paginated list counts from its first page's request until its last page is sent (one
+    /// given up half-way stays counted), a streaming list until its initial-events-end bookmark.
     pub fn peak_concurrent_lists(&self) -> usize {
         self.shared.peak_lists.load(Relaxed)
     }
@@ -741,6 +755,132 @@ pub fn pod(name: &str, ns: &str, labels: &[(&str, &str)], node: &str, ip: &str, 
             "podIP": ip, "podIPs": ips, "hostIP": ip, "hostIPs": ips },
     }))
     .expect("valid Pod")
+}
+
+/// `pod` with a second address (dual-stack: one IPv4 and one IPv6 endpoint).
+pub fn with_second_ip(mut pod: Pod, ip: &str) -> Pod {
+    let status = pod.status.get_or_insert_with(Default::default);
+    let ips = status.pod_ips.get_or_insert_with(Vec::new);
+    ips.push(k8s_openapi::api::core::v1::PodIP { ip: ip.to_string() });
+    pod
+}
+
+/// `pod` running but not Ready (its readiness probe fails, or its node stopped reporting).
+pub fn not_ready(mut pod: Pod) -> Pod {
+    let conditions = pod.status.as_mut().and_then(|s| s.conditions.as_mut()).expect("conditions");
+    conditions.iter_mut().filter(|c| c.type_ == "Ready").for_each(|c| c.status = "False".into());
+    pod
+}
+
+/// `pod` not started yet: phase Pending, not Ready.
+pub fn pending(pod: Pod) -> Pod {
+    let mut pod = not_ready(pod);
+    pod.status.get_or_insert_with(Default::default).phase = Some("Pending".into());
+    pod
+}
+
+/// `pod` being deleted (a `deletionTimestamp`, still running).
+pub fn terminating(mut pod: Pod) -> Pod {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+    pod
+}
+
+/// A pod of realistic size (about 5 KB of JSON): what a DaemonSet pod carries besides the
+/// fields discovery reads (managed fields, the service-account volume, tolerations, env,
+/// container statuses).
+pub fn realistic_pod(name: &str, ns: &str, labels: &[(&str, &str)], node: &str, ip: &str) -> Pod {
+    let mut value = serde_json::to_value(pod(name, ns, labels, node, ip, "Running")).expect("pod json");
+    let fields_v1 = json!({ "f:metadata": { "f:generateName": {}, "f:labels": { ".": {},
+        "f:app.kubernetes.io/name": {}, "f:controller-revision-hash": {}, "f:pod-template-generation": {} },
+        "f:ownerReferences": { ".": {}, "k:{\"uid\":\"0\"}": {} } }, "f:spec": { "f:affinity": { ".": {},
+        "f:nodeAffinity": { ".": {}, "f:requiredDuringSchedulingIgnoredDuringExecution": {} } },
+        "f:containers": { "k:{\"name\":\"kubenurse\"}": { ".": {}, "f:env": {}, "f:image": {},
+        "f:imagePullPolicy": {}, "f:livenessProbe": {}, "f:name": {}, "f:ports": {}, "f:readinessProbe": {},
+        "f:resources": {}, "f:securityContext": {}, "f:terminationMessagePath": {} } } } });
+    let metadata = value["metadata"].as_object_mut().expect("metadata");
+    metadata.insert("generateName".into(), "kubenurse-".into());
+    metadata.insert(
+        "annotations".into(),
+        json!({ "prometheus.io/scrape": "true", "prometheus.io/port": "8080",
+        "prometheus.io/path": "/metrics", "kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z" }),
+    );
+    metadata.insert(
+        "ownerReferences".into(),
+        json!([{ "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "name": "kubenurse", "uid": "00000000-0000-4000-8000-000000000001", "controller": true,
+        "blockOwnerDeletion": true }]),
+    );
+    metadata.insert(
+        "managedFields".into(),
+        json!([
+        { "manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+          "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": fields_v1 },
+        { "manager": "kubelet", "operation": "Update", "apiVersion": "v1", "time": "2026-01-01T00:00:05Z",
+          "fieldsType": "FieldsV1", "subresource": "status", "fieldsV1": { "f:status": { "f:conditions": {},
+          "f:containerStatuses": {}, "f:hostIP": {}, "f:hostIPs": {}, "f:phase": {}, "f:podIP": {},
+          "f:podIPs": {}, "f:startTime": {} } } }]),
+    );
+    let env: Vec<Value> = ["KUBENURSE_POD_NAME", "KUBENURSE_NODE_NAME", "KUBENURSE_NAMESPACE"]
+        .iter()
+        .map(
+            |n| json!({ "name": n, "valueFrom": { "fieldRef": { "apiVersion": "v1", "fieldPath": "metadata.name" } } }),
+        )
+        .chain((0..6).map(|i| json!({ "name": format!("KUBENURSE_SETTING_{i}"), "value": "a-typical-value" })))
+        .collect();
+    let container = &mut value["spec"]["containers"][0];
+    container["env"] = env.into();
+    container["resources"] = json!({ "requests": { "cpu": "10m", "memory": "24Mi" }, "limits": { "memory": "64Mi" } });
+    container["readinessProbe"] = json!({ "httpGet": { "path": "/ready", "port": "http", "scheme": "HTTP" },
+        "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2, "successThreshold": 1 });
+    container["livenessProbe"] = json!({ "httpGet": { "path": "/alwayshappy", "port": "http", "scheme": "HTTP" },
+        "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3, "successThreshold": 1 });
+    container["securityContext"] = json!({ "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true, "runAsUser": 65532, "capabilities": { "drop": ["ALL"] } });
+    container["volumeMounts"] = json!([{ "name": "kube-api-access-abcde", "readOnly": true,
+        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount" }]);
+    let spec = value["spec"].as_object_mut().expect("spec");
+    spec.insert("serviceAccountName".into(), "kubenurse".into());
+    spec.insert(
+        "tolerations".into(),
+        json!([
+        { "operator": "Exists", "effect": "NoSchedule" }, { "operator": "Exists", "effect": "NoExecute" },
+        { "key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute" },
+        { "key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute" },
+        { "key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule" },
+        { "key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule" },
+        { "key": "node.kubernetes.io/pid-pressure", "operator": "Exists", "effect": "NoSchedule" },
+        { "key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule" }]),
+    );
+    spec.insert("affinity".into(), json!({ "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{ "matchFields": [{ "key": "metadata.name", "operator": "In", "values": [node] }] }] } } }));
+    spec.insert(
+        "volumes".into(),
+        json!([{ "name": "kube-api-access-abcde", "projected": { "defaultMode": 420,
+        "sources": [{ "serviceAccountToken": { "expirationSeconds": 3607, "path": "token" } },
+        { "configMap": { "name": "kube-root-ca.crt", "items": [{ "key": "ca.crt", "path": "ca.crt" }] } },
+        { "downwardAPI": { "items": [{ "path": "namespace", "fieldRef": { "apiVersion": "v1",
+          "fieldPath": "metadata.namespace" } }] } }] } }]),
+    );
+    let status = value["status"].as_object_mut().expect("status");
+    status.insert("qosClass".into(), "Burstable".into());
+    status.insert("startTime".into(), "2026-01-01T00:00:00Z".into());
+    status.insert(
+        "containerStatuses".into(),
+        json!([{ "name": "kubenurse", "ready": true, "started": true,
+        "restartCount": 0, "image": "ghcr.io/example/kubenurse-rs:0.1.0",
+        "imageID": format!("ghcr.io/example/kubenurse-rs@sha256:{}", "0123456789abcdef".repeat(4)),
+        "containerID": format!("containerd://{}", "fedcba9876543210".repeat(4)),
+        "state": { "running": { "startedAt": "2026-01-01T00:00:03Z" } } }]),
+    );
+    serde_json::from_value(value).expect("valid Pod")
+}
+
+/// `node` in availability zone `zone` (the `topology.kubernetes.io/zone` label).
+pub fn in_zone(mut node: Node, zone: &str) -> Node {
+    let labels = node.metadata.labels.get_or_insert_with(Default::default);
+    labels.insert("topology.kubernetes.io/zone".to_string(), zone.to_string());
+    node
 }
 
 /// A Ready node with the usual well-known labels.
@@ -846,6 +986,12 @@ async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) 
 
 enum Reply {
     Json(u16, Value),
+    /// A page of a LIST (200); a list is in progress from its first page until its last is sent.
+    List {
+        page: Value,
+        first: bool,
+        last: bool,
+    },
     Watch(Box<WatchCursor>),
     /// Close the connection without a response (outage).
     Hangup,
@@ -877,6 +1023,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
             record.status = code;
             Full::new(bytes).boxed_unsync()
         }
+        Reply::List { page, first, last } => {
+            if first {
+                ListGuard::begin(&shared);
+            }
+            let guard = last.then(|| ListGuard::ending(&shared));
+            let bytes = Bytes::from(serde_json::to_vec(&page).unwrap_or_default());
+            shared.bytes.fetch_add(bytes.len() as u64, Relaxed);
+            // The guard lives until the body has been sent and dropped.
+            let body = futures::stream::unfold((Some(bytes), guard), |(bytes, guard)| async move {
+                let bytes = bytes?;
+                Some((Ok::<_, Infallible>(Frame::data(bytes)), (None, guard)))
+            });
+            StreamBody::new(body).boxed_unsync()
+        }
         Reply::Throttled { retry_after_secs } => {
             record.status = 429;
             retry_after = Some(HeaderValue::from(retry_after_secs));
@@ -903,7 +1063,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
 }
 
 fn route(shared: &Arc<Shared>, req: &RequestRecord, p: &Params, authorized: bool) -> Reply {
-    let mut st = shared.lock();
+    let mut st = shared.lock_synced();
     match st.fault {
         Fault::Outage => return Reply::Hangup,
         _ if !authorized => return status(401, "Unauthorized", "Unauthorized", Value::Null),
@@ -923,6 +1083,11 @@ fn route(shared: &Arc<Shared>, req: &RequestRecord, p: &Params, authorized: bool
         ["api", "v1", "namespaces", ns, "pods", name] => (&PODS, Some(*ns), Some(*name)),
         ["api", "v1", "nodes"] => (&NODES, None, None),
         ["api", "v1", "nodes", name] => (&NODES, None, Some(*name)),
+        ["apis", "discovery.k8s.io", "v1", "endpointslices"] => (&ENDPOINT_SLICES, None, None),
+        ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"] => (&ENDPOINT_SLICES, Some(*ns), None),
+        ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices", name] => {
+            (&ENDPOINT_SLICES, Some(*ns), Some(*name))
+        }
         _ => {
             let msg = "the server could not find the requested resource";
             return status(404, "NotFound", msg, json!({}));
@@ -949,10 +1114,23 @@ fn route(shared: &Arc<Shared>, req: &RequestRecord, p: &Params, authorized: bool
             Some(ns) => format!("in the namespace \"{ns}\""),
             None => "at the cluster scope".to_string(),
         };
+        let (group, qualified) = match res.group {
+            "" => ("", plural.to_string()),
+            group => (group, format!("{plural}.{group}")),
+        };
         let msg = format!(
-            "{plural} is forbidden: User \"{SA_USER}\" cannot {verb} resource \"{plural}\" in API group \"\" {scope}"
+            "{qualified} is forbidden: User \"{SA_USER}\" cannot {verb} resource \"{plural}\" in API group \"{group}\" {scope}"
         );
-        return status(403, "Forbidden", msg, json!({ "kind": plural }));
+        let details = match group {
+            "" => json!({ "kind": plural }),
+            group => json!({ "group": group, "kind": plural }),
+        };
+        return status(403, "Forbidden", msg, details);
+    }
+    if req.watch {
+        if let Some(invalid) = invalid_watch(&st, p) {
+            return invalid;
+        }
     }
     let reply = match name {
         Some(name) => {
@@ -964,7 +1142,11 @@ fn route(shared: &Arc<Shared>, req: &RequestRecord, p: &Params, authorized: bool
         }
         None => Filter::parse(res, ns, p).and_then(|filter| match req.watch {
             true => WatchCursor::open(shared, &st, filter, p).map(|c| Reply::Watch(Box::new(c))),
-            false => list(&st, filter, p).map(|list| Reply::Json(200, list)),
+            false => list(&st, filter, p).map(|page| {
+                let first = p.get("continue").is_none_or(|c| c.is_empty());
+                let last = page.pointer("/metadata/continue").is_none();
+                Reply::List { page, first, last }
+            }),
         }),
     };
     reply.unwrap_or_else(|err| err)
@@ -1010,14 +1192,48 @@ fn list(st: &State, filter: Filter, p: &Params) -> Result<Value, Reply> {
         meta["remainingItemCount"] = remaining.into();
     }
     let kind = format!("{}List", filter.res.kind);
-    Ok(json!({ "kind": kind, "apiVersion": "v1", "metadata": meta, "items": items }))
+    Ok(json!({ "kind": kind, "apiVersion": filter.res.api_version, "metadata": meta, "items": items }))
 }
 
-/// One open watch stream: replays history after `last_rv`, then follows new
-/// changes until timeoutSeconds, client hang-up or `expire_watches`.
+/// The 422 a real apiserver gives a watch whose list options do not validate: a streaming
+/// list while streaming lists are off, or without the options they require.
+fn invalid_watch(st: &State, p: &Params) -> Option<Reply> {
+    let send_initial = p.get("sendInitialEvents")?;
+    let mut causes: Vec<(&str, &str)> = Vec::new();
+    if p.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") {
+        causes
+            .push(("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"));
+    }
+    if st.streaming == StreamingLists::Refused {
+        causes.push((
+            "sendInitialEvents",
+            "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+        ));
+    }
+    if send_initial == "true" && p.get("allowWatchBookmarks").map(String::as_str) != Some("true") {
+        causes.push(("allowWatchBookmarks", "allowWatchBookmarks must be true when sendInitialEvents is true"));
+    }
+    if causes.is_empty() {
+        return None;
+    }
+    let described: Vec<String> = causes.iter().map(|(field, m)| format!("{field}: Forbidden: {m}")).collect();
+    let described = match described.as_slice() {
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    let details = json!({ "group": "meta.k8s.io", "kind": "ListOptions", "causes": causes.iter().map(|(field, m)|
+        json!({ "reason": "FieldValueForbidden", "message": format!("Forbidden: {m}"), "field": field })).collect::<Vec<_>>() });
+    Some(status(422, "Invalid", format!("ListOptions.meta.k8s.io \"\" is invalid: {described}"), details))
+}
+
+/// One open watch stream: sends the initial state (for `resourceVersion=0` or a streaming
+/// list) or replays history after `last_rv`, then follows new changes until timeoutSeconds,
+/// client hang-up or `expire_watches`.
 struct WatchCursor {
     shared: Arc<Shared>,
     filter: Filter,
+    /// The state still to send as ADDED events, read in batches.
+    initial: Option<Initial>,
     last_rv: u64,
     pending: VecDeque<Bytes>,
     signal: watch::Receiver<Signal>,
@@ -1028,15 +1244,25 @@ struct WatchCursor {
     done: bool,
 }
 
+/// The initial events of a watch: the objects as of `rv`, those after `after` still to send.
+struct Initial {
+    rv: u64,
+    after: Option<Key>,
+    /// A streaming list: end with the initial-events-end bookmark; a list in flight until then.
+    streaming: Option<ListGuard>,
+}
+
 impl WatchCursor {
     fn open(shared: &Arc<Shared>, st: &State, filter: Filter, p: &Params) -> Result<Self, Reply> {
         let timeout = num_param(p, "timeoutSeconds")?.filter(|t| *t > 0);
         let timeout = Duration::from_secs(timeout.unwrap_or(DEFAULT_WATCH_TIMEOUT));
         let signal = shared.signal.subscribe();
         let epoch = signal.borrow().watch_epoch;
+        let streaming = p.get("sendInitialEvents").is_some_and(|s| s == "true");
         let mut c = Self {
             shared: shared.clone(),
             filter,
+            initial: None,
             last_rv: st.rv,
             pending: VecDeque::new(),
             signal,
@@ -1046,20 +1272,54 @@ impl WatchCursor {
             done: false,
         };
         match num_param(p, "resourceVersion")? {
+            // A streaming list (resourceVersionMatch=NotOlderThan): the current state is new enough.
+            _ if streaming => {
+                c.initial = Some(Initial { rv: st.rv, after: None, streaming: Some(ListGuard::new(shared)) });
+            }
             Some(rv) if rv > 0 => {
                 c.last_rv = rv;
                 c.fill(st);
             }
             // No (or "0" = any) resourceVersion: synthetic ADDED events for the current state.
-            _ => {
-                for (key, obj) in &st.objects {
-                    if c.filter.wants(key, obj) {
-                        c.push("ADDED", obj);
-                    }
-                }
-            }
+            _ => c.initial = Some(Initial { rv: st.rv, after: None, streaming: None }),
         }
         Ok(c)
+    }
+
+    /// Queues the next batch of initial events; after the last, the end bookmark of a
+    /// streaming list, and the changes made since.
+    fn send_initial(&mut self, st: &State) {
+        let Some(initial) = self.initial.as_mut() else { return };
+        let rv = initial.rv;
+        if rv < st.compacted {
+            self.initial = None;
+            self.last_rv = rv;
+            self.fill(st);
+            return;
+        }
+        let snapshot = st.snapshot(self.filter.res.plural, rv);
+        let after = initial.after.take();
+        let unsent = snapshot.into_iter().filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a));
+        let batch: Vec<(&Key, &Value)> =
+            unsent.filter(|(k, obj)| self.filter.wants(k, obj)).take(INITIAL_BATCH).collect();
+        let last = batch.last().map(|(k, _)| (*k).clone());
+        for (_, obj) in &batch {
+            self.push("ADDED", obj);
+        }
+        if batch.len() == INITIAL_BATCH {
+            if let Some(initial) = self.initial.as_mut() {
+                initial.after = last;
+            }
+            return;
+        }
+        let streaming = self.initial.take().and_then(|i| i.streaming);
+        if streaming.is_some() {
+            let (kind, api_version) = (self.filter.res.kind, self.filter.res.api_version);
+            let meta = json!({ "resourceVersion": rv.to_string(), "annotations": { INITIAL_EVENTS_END: "true" } });
+            self.push("BOOKMARK", &json!({ "kind": kind, "apiVersion": api_version, "metadata": meta }));
+        }
+        self.last_rv = rv;
+        self.fill(st);
     }
 
     fn push(&mut self, kind: &str, object: &Value) {
@@ -1112,13 +1372,19 @@ impl WatchCursor {
             if self.done {
                 return None;
             }
+            if self.initial.is_some() {
+                let shared = self.shared.clone();
+                self.send_initial(&shared.lock_synced());
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(self.deadline) => {
                     if !self.bookmarks {
                         return None;
                     }
                     let (kind, meta) = (self.filter.res.kind, json!({ "resourceVersion": self.last_rv.to_string() }));
-                    self.push("BOOKMARK", &json!({ "kind": kind, "apiVersion": "v1", "metadata": meta }));
+                    let api_version = self.filter.res.api_version;
+                    self.push("BOOKMARK", &json!({ "kind": kind, "apiVersion": api_version, "metadata": meta }));
                     self.done = true;
                 }
                 changed = self.signal.changed() => {
@@ -1127,7 +1393,7 @@ impl WatchCursor {
                         return None;
                     }
                     let shared = self.shared.clone();
-                    self.fill(&shared.lock());
+                    self.fill(&shared.lock_synced());
                 }
             }
         }
