@@ -198,8 +198,7 @@ impl Bound {
             metrics: self.metrics.clone(),
         }));
         // One slot table for both listeners, so a client cannot take twice its share.
-        let connections =
-            listener::Connections::new(listener::MAX_CONNECTIONS, listener::MAX_CONNECTIONS_PER_ADDRESS);
+        let connections = listener::Connections::new(listener::MAX_CONNECTIONS, listener::MAX_CONNECTIONS_PER_ADDRESS);
         let mut tasks = vec![
             tokio::spawn(scheduler.run(probing_rx)),
             tokio::spawn(listener::serve(self.plain, None, app.clone(), connections.clone(), serving_rx.clone())),

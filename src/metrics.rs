@@ -1,11 +1,29 @@
-//! Every instrument the agent records, created once on one meter provider.
+//! Every instrument the agent records, on one meter provider that feeds both readers.
 //!
 //! Instrument names and units are chosen so that the standard OpenTelemetry → Prometheus
 //! translation (unit suffix, `_total` on counters) yields exactly the Go agent's names.
 //! The Prometheus reader renders `/metrics` from the same provider that pushes over OTLP.
+//!
+//! **Departed series.** The OpenTelemetry SDK cannot forget one attribute set of a
+//! synchronous instrument, histograms have no asynchronous form, and the `/metrics` reader is
+//! cumulative, so the series of a neighbour that left would stay until the agent restarts.
+//! The instruments therefore live in a generation (providers, readers, registry): when
+//! probe types recorded in the current one are no longer probed and it is at least
+//! `KUBENURSE_SERIES_RESET_INTERVAL` old, a fresh generation takes its place. Every series
+//! then restarts, as after an agent restart (which `rate()`, `increase()` and OTLP start
+//! times handle), and the old generation is shut down, its last push flushed, on a blocking
+//! thread. A neighbour still probed, even failing, is not departed.
+//!
+//! **Overflow.** The SDK folds attribute sets beyond [`SERIES_LIMIT`] per instrument into one
+//! `otel_metric_overflow="true"` series without a word; the agent counts the sets itself,
+//! logs once per instrument and generation, and counts what overflows in
+//! `kubenurse_metric_overflow_total`.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,8 +34,10 @@ use opentelemetry_sdk::metrics::{Aggregation, Instrument, InstrumentKind, SdkMet
 use opentelemetry_sdk::Resource;
 use prometheus::{Encoder, TextEncoder};
 
+use crate::config::MetricsDetail;
 use crate::incoming::IncomingChecks;
 use crate::probe::ProbeResult;
+use crate::sync::lock;
 use crate::telemetry::PushReader;
 
 /// OpenTelemetry instrument names; the Prometheus names are these plus the unit suffix.
@@ -28,7 +48,15 @@ pub mod names {
     pub const ERRORS: &str = "kubenurse_errors";
     pub const INCOMING_CHECKS: &str = "kubenurse_neighbourhood_incoming_checks";
     pub const ROUND_LATENESS: &str = "kubenurse_round_lateness";
+    pub const METRIC_OVERFLOW: &str = "kubenurse_metric_overflow";
 }
+
+/// Attribute sets the SDK keeps per instrument (its default cardinality limit, see
+/// `opentelemetry_sdk` `DEFAULT_CARDINALITY_LIMIT`); later sets fold into the overflow series.
+pub const SERIES_LIMIT: usize = 2000;
+
+/// How long a generation lives at least before departed series are dropped, by default.
+pub const DEFAULT_SERIES_RESET: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -38,21 +66,49 @@ pub enum MetricsError {
     Render(#[from] prometheus::Error),
 }
 
-/// The agent's instruments and its Prometheus registry.
+/// The agent's instruments, in their current generation, and the shared `/metrics` text.
+pub struct Metrics {
+    build: Build,
+    detail: MetricsDetail,
+    /// `None`: series stay until the agent restarts.
+    reset_after: Option<Duration>,
+    current: Mutex<Arc<Generation>>,
+    /// The current generation may not be replaced before this.
+    renewable_at: Mutex<Instant>,
+    /// Bumped by every recording and every new generation, so a cached `/metrics` text is
+    /// known to be current.
+    recorded: AtomicU64,
+    rendered: Mutex<Option<Rendered>>,
+    /// Rendered texts still referenced (by the cache or by responses being written).
+    live_renders: Arc<AtomicUsize>,
+}
+
+/// What every generation is built from.
+struct Build {
+    buckets: Vec<f64>,
+    resource: Resource,
+    incoming: Arc<IncomingChecks>,
+    push: Option<Push>,
+}
+
+/// OTLP push settings for [`Metrics::new`].
+pub struct Push {
+    /// Builds a push reader; called once per generation.
+    pub readers: Box<dyn Fn() -> PushReader + Send + Sync>,
+    pub exponential_histograms: bool,
+}
+
+/// One set of meter providers, readers and instruments.
 ///
 /// Normally one meter provider carries both readers (Prometheus pull, OTLP push). When OTLP
 /// histograms are exponential, a second provider with that view feeds the push reader, since
 /// views apply to a whole provider and the Prometheus reader drops exponential histograms;
 /// every measurement is then recorded twice.
-pub struct Metrics {
+struct Generation {
     providers: Vec<SdkMeterProvider>,
     registry: prometheus::Registry,
     instruments: Vec<Instruments>,
-    /// Bumped by every recording, so a cached `/metrics` text is known to be current.
-    recorded: AtomicU64,
-    rendered: Mutex<Option<Rendered>>,
-    /// Rendered texts still referenced (by the cache or by responses being written).
-    live_renders: Arc<AtomicUsize>,
+    book: Mutex<Book>,
 }
 
 /// A `/metrics` text shared by every request that asks while it is current.
@@ -76,60 +132,189 @@ struct Instruments {
     requests: Counter<u64>,
     errors: Counter<u64>,
     round_lateness: Histogram<f64>,
+    overflow: Counter<u64>,
     _incoming: ObservableGauge<u64>,
 }
 
-/// OTLP push settings for [`Metrics::new`].
-pub struct Push {
-    pub reader: PushReader,
-    pub exponential_histograms: bool,
+/// The instruments whose attribute sets come from probes, and so could reach the limit.
+#[derive(Debug, Clone, Copy)]
+enum Tracked {
+    RequestDuration,
+    TraceDuration,
+    Requests,
+    Errors,
+}
+
+impl Tracked {
+    const ALL: [Tracked; 4] = [Tracked::RequestDuration, Tracked::TraceDuration, Tracked::Requests, Tracked::Errors];
+
+    /// The `metric` label of the overflow counter: the name a Prometheus user queries.
+    fn prometheus_name(self) -> &'static str {
+        match self {
+            Tracked::RequestDuration => "kubenurse_httpclient_request_duration_seconds",
+            Tracked::TraceDuration => "kubenurse_httpclient_trace_request_duration_seconds",
+            Tracked::Requests => "kubenurse_httpclient_requests_total",
+            Tracked::Errors => "kubenurse_errors_total",
+        }
+    }
+}
+
+/// What a generation has recorded: its probe types and, per tracked instrument, its
+/// attribute sets (as hashes).
+#[derive(Default)]
+struct Book {
+    types: HashSet<String>,
+    series: [Series; Tracked::ALL.len()],
+}
+
+#[derive(Default)]
+struct Series {
+    sets: HashSet<u64>,
+    /// Reaching the limit has been logged.
+    logged: bool,
+}
+
+impl Book {
+    /// Notes a measurement of `metric` with the attribute values `kind` and `label`; false
+    /// when its set is new and beyond the limit (the SDK folds it into the overflow series).
+    fn admit(&mut self, metric: Tracked, kind: &str, label: &str) -> bool {
+        let series = &mut self.series[metric as usize];
+        let mut hasher = DefaultHasher::new();
+        (kind, label).hash(&mut hasher);
+        let set = hasher.finish();
+        if series.sets.len() < SERIES_LIMIT || series.sets.contains(&set) {
+            series.sets.insert(set);
+            return true;
+        }
+        if !series.logged {
+            series.logged = true;
+            tracing::warn!(
+                metric = metric.prometheus_name(),
+                limit = SERIES_LIMIT,
+                "metric series limit reached: further series fold into otel_metric_overflow=\"true\" and are \
+                 counted in kubenurse_metric_overflow_total; lower KUBENURSE_NEIGHBOUR_LIMIT or set \
+                 KUBENURSE_METRICS_DETAIL=lean"
+            );
+        }
+        false
+    }
+
+    /// Probe types recorded in this generation that `round` does not probe.
+    fn departed<'a>(&self, round: impl IntoIterator<Item = &'a str>) -> usize {
+        let round: HashSet<&str> = round.into_iter().collect();
+        self.types.iter().filter(|t| !round.contains(t.as_str())).count()
+    }
 }
 
 impl Metrics {
-    /// Builds the meter provider(s) with their readers, then every instrument.
+    /// Builds the first generation: meter provider(s) with their readers, then every
+    /// instrument. Every probe records every instrument and departed series are dropped after
+    /// [`DEFAULT_SERIES_RESET`]; see [`Self::with_detail`] and [`Self::with_series_reset`].
     pub fn new(
         buckets: Vec<f64>,
         resource: Resource,
         incoming: Arc<IncomingChecks>,
         push: Option<Push>,
     ) -> Result<Self, MetricsError> {
-        let registry = prometheus::Registry::new();
-        let prometheus = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .without_target_info()
-            .scope_info_enabled(false)
-            .build()
-            .map_err(|e| MetricsError::Reader(e.to_string()))?;
-        let mut main = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(prometheus);
-        let mut providers = Vec::new();
-        match push {
-            Some(Push { reader, exponential_histograms: false }) => main = main.with_reader(reader),
-            Some(Push { reader, exponential_histograms: true }) => providers.push(
-                SdkMeterProvider::builder().with_resource(resource).with_reader(reader).with_view(exponential).build(),
-            ),
-            None => {}
-        }
-        providers.insert(0, main.build());
-        let instruments =
-            providers.iter().map(|p| Instruments::new(&p.meter("kubenurse"), &buckets, incoming.clone())).collect();
+        let build = Build { buckets, resource, incoming, push };
+        let first = Generation::new(&build)?;
         Ok(Self {
-            providers,
-            registry,
-            instruments,
+            build,
+            detail: MetricsDetail::Full,
+            reset_after: Some(DEFAULT_SERIES_RESET),
+            current: Mutex::new(Arc::new(first)),
+            renewable_at: Mutex::new(Instant::now() + DEFAULT_SERIES_RESET),
             recorded: AtomicU64::new(0),
             rendered: Mutex::default(),
             live_renders: Arc::default(),
         })
     }
 
+    /// With [`MetricsDetail::Lean`], neighbour probes do not record per-event durations.
+    pub fn with_detail(mut self, detail: MetricsDetail) -> Self {
+        self.detail = detail;
+        self
+    }
+
+    /// Departed series are dropped once the generation is at least `interval` old; zero keeps
+    /// them until the agent restarts.
+    pub fn with_series_reset(mut self, interval: Duration) -> Self {
+        self.reset_after = (!interval.is_zero()).then_some(interval);
+        *lock(&self.renewable_at) = Instant::now() + interval;
+        self
+    }
+
+    fn generation(&self) -> Arc<Generation> {
+        lock(&self.current).clone()
+    }
+
+    /// Tells which probe types this round probes, before any of its results are recorded.
+    /// When types recorded earlier are no longer among them and the generation is old
+    /// enough, every series restarts in a fresh generation.
+    pub fn start_round<'a>(&self, kinds: impl IntoIterator<Item = &'a str>) {
+        let Some(after) = self.reset_after else { return };
+        let departed = self.generation().book().departed(kinds);
+        if departed == 0 {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut renewable_at = lock(&self.renewable_at);
+            if now < *renewable_at {
+                return;
+            }
+            // Also after a failure: the next attempt waits a whole interval.
+            *renewable_at = now + after;
+        }
+        match Generation::new(&self.build) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *lock(&self.current), Arc::new(fresh));
+                self.recorded.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(departed, "probe types no longer probed: every series restarts, without theirs");
+                retire(old);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot restart the metrics; departed series stay until the next try"),
+        }
+    }
+
     /// Records one probe: its events, its duration, its status and, if it failed, the phase.
     pub fn record_probe(&self, result: &ProbeResult) {
         self.recorded.fetch_add(1, Ordering::SeqCst);
+        let g = self.generation();
+        let kind_name = result.target.kind.as_str();
+        let code = result.code_label();
+        let error = result.error_event();
+        let lean = self.detail == MetricsDetail::Lean && result.target.peer.is_some();
+        let events = if lean { &[][..] } else { &result.events[..] };
+
+        let mut overflowed = [0u64; Tracked::ALL.len()];
+        {
+            let mut book = g.book();
+            if self.reset_after.is_some() && !book.types.contains(kind_name) {
+                book.types.insert(kind_name.to_owned());
+            }
+            let mut admit = |metric: Tracked, label: &str| {
+                if !book.admit(metric, kind_name, label) {
+                    overflowed[metric as usize] += 1;
+                }
+            };
+            for (event, _) in events {
+                admit(Tracked::TraceDuration, event.label());
+            }
+            if result.response_after.is_some() {
+                admit(Tracked::RequestDuration, "");
+            }
+            admit(Tracked::Requests, &code);
+            if let Some(event) = &error {
+                admit(Tracked::Errors, event);
+            }
+        }
+
         let kind = KeyValue::new("type", result.target.kind.clone());
-        let code = KeyValue::new("code", result.code_label());
-        let error = result.error_event().map(|e| KeyValue::new("event", e));
-        for i in &self.instruments {
-            for (event, offset) in &result.events {
+        let code = KeyValue::new("code", code);
+        let error = error.map(|e| KeyValue::new("event", e));
+        for i in &g.instruments {
+            for (event, offset) in events {
                 i.trace_duration.record(offset.as_secs_f64(), &[kind.clone(), KeyValue::new("event", event.label())]);
             }
             if let Some(duration) = result.response_after {
@@ -139,13 +324,16 @@ impl Metrics {
             if let Some(event) = &error {
                 i.errors.add(1, &[kind.clone(), event.clone()]);
             }
+            for (metric, n) in Tracked::ALL.iter().zip(overflowed).filter(|(_, n)| *n > 0) {
+                i.overflow.add(n, &[KeyValue::new("metric", metric.prometheus_name())]);
+            }
         }
     }
 
     /// Records how late a round started.
     pub fn record_round_lateness(&self, lateness: Duration) {
         self.recorded.fetch_add(1, Ordering::SeqCst);
-        for i in &self.instruments {
+        for i in &self.generation().instruments {
             i.round_lateness.record(lateness.as_secs_f64(), &[]);
         }
     }
@@ -153,7 +341,7 @@ impl Metrics {
     /// The Prometheus text exposition of every instrument.
     pub fn render(&self) -> Result<String, MetricsError> {
         let mut out = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        TextEncoder::new().encode(&self.generation().registry.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
@@ -163,7 +351,7 @@ impl Metrics {
     pub fn render_shared(&self) -> Result<Bytes, MetricsError> {
         // Rendering under the lock makes concurrent requests wait for one render instead of
         // each making its own.
-        let mut rendered = crate::sync::lock(&self.rendered);
+        let mut rendered = lock(&self.rendered);
         let recorded = self.recorded.load(Ordering::SeqCst);
         if let Some(r) = rendered.as_ref() {
             let current = r.recorded == recorded && r.at.elapsed() < RENDER_REUSE;
@@ -172,7 +360,7 @@ impl Metrics {
             }
         }
         let mut out = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        TextEncoder::new().encode(&self.generation().registry.gather(), &mut out)?;
         self.live_renders.fetch_add(1, Ordering::SeqCst);
         let text = Bytes::from_owner(Counted { bytes: out, live: self.live_renders.clone() });
         *rendered = Some(Rendered { recorded, at: Instant::now(), text: text.clone() });
@@ -182,11 +370,72 @@ impl Metrics {
     /// Pushes what has been recorded and stops every reader (blocking, bounded by the
     /// exporters' timeouts).
     pub fn shutdown(&self) {
-        for provider in &self.providers {
+        for provider in &self.generation().providers {
             if let Err(e) = provider.shutdown() {
                 tracing::warn!(error = %e, "final metric export failed");
             }
         }
+    }
+}
+
+/// Shuts a replaced generation down off the probing path: its readers push their last
+/// interval (bounded by the exporters' timeouts), then its instruments go.
+fn retire(old: Arc<Generation>) {
+    let shutdown = move || {
+        for provider in &old.providers {
+            if let Err(e) = provider.shutdown() {
+                tracing::debug!(error = %e, "last export of the replaced metrics failed");
+            }
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(shutdown)),
+        Err(_) => shutdown(),
+    }
+}
+
+impl Generation {
+    fn new(build: &Build) -> Result<Self, MetricsError> {
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .scope_info_enabled(false)
+            .build()
+            .map_err(|e| MetricsError::Reader(e.to_string()))?;
+        let resource = build.resource.clone();
+        let mut main = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(prometheus);
+        let mut providers = Vec::new();
+        if let Some(push) = &build.push {
+            let reader = (push.readers)();
+            if push.exponential_histograms {
+                providers.push(
+                    SdkMeterProvider::builder()
+                        .with_resource(resource)
+                        .with_reader(reader)
+                        .with_view(exponential)
+                        .build(),
+                );
+            } else {
+                main = main.with_reader(reader);
+            }
+        }
+        providers.insert(0, main.build());
+        let instruments: Vec<Instruments> = providers
+            .iter()
+            .map(|p| Instruments::new(&p.meter("kubenurse"), &build.buckets, build.incoming.clone()))
+            .collect();
+        // Overflow counters start at zero, so the first overflow shows in `increase()`.
+        for i in &instruments {
+            for metric in Tracked::ALL {
+                i.overflow.add(0, &[KeyValue::new("metric", metric.prometheus_name())]);
+            }
+        }
+        Ok(Self { providers, registry, instruments, book: Mutex::default() })
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        lock(&self.book)
     }
 }
 
@@ -245,6 +494,12 @@ impl Instruments {
                 .u64_counter(names::ERRORS)
                 .with_description("failed probes by probe type and the phase that failed")
                 .build(),
+            overflow: meter
+                .u64_counter(names::METRIC_OVERFLOW)
+                .with_description(
+                    "measurements beyond a metric's series limit, folded into its otel_metric_overflow series",
+                )
+                .build(),
             _incoming: meter
                 .u64_observable_gauge(names::INCOMING_CHECKS)
                 .with_description("distinct neighbours that probed this agent in the last 60 seconds")
@@ -257,10 +512,36 @@ impl Instruments {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::{Event, Outcome, Peer, Target};
 
     fn metrics() -> Metrics {
         let resource = Resource::builder_empty().build();
         Metrics::new(crate::config::DEFAULT_BUCKETS.to_vec(), resource, Arc::default(), None).expect("metrics")
+    }
+
+    /// A probe of `kind` that got `status` after passing through every phase of a plain
+    /// connection; `path_*` kinds are neighbour probes.
+    fn probe(kind: &str, status: u16) -> ProbeResult {
+        let node = kind.strip_prefix("path_");
+        let target = Target {
+            kind: kind.to_owned(),
+            url: "http://127.0.0.1/alwayshappy".parse().expect("uri"),
+            bearer_token: false,
+            peer: node.map(|n| Peer { node: n.to_owned(), pod: format!("kubenurse-{n}") }),
+        };
+        let mut result = ProbeResult::unobserved(Arc::new(target), crate::probe::FailedPhase::RoundTrip, String::new());
+        let events = [Event::ConnectStart, Event::ConnectDone, Event::GotConn, Event::WroteRequest];
+        result.events = events.iter().zip(1..).map(|(e, ms)| (*e, Duration::from_millis(ms))).collect();
+        result.response_after = Some(Duration::from_millis(5));
+        result.outcome = Outcome::Response { status };
+        result
+    }
+
+    fn types_in(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split("type=\"").nth(1)?.split('"').next().map(str::to_owned))
+            .collect()
     }
 
     #[test]
@@ -291,5 +572,121 @@ mod tests {
         metrics.record_round_lateness(Duration::from_millis(11));
         let text = metrics.render_shared().expect("render");
         assert!(String::from_utf8_lossy(&text).contains("kubenurse_round_lateness_seconds_count 11"));
+    }
+
+    /// Runs `rounds` of probe types through `metrics`, as the scheduler does.
+    fn run_rounds(metrics: &Metrics, rounds: &[&[&str]]) {
+        for kinds in rounds {
+            metrics.start_round(kinds.iter().copied());
+            for kind in *kinds {
+                metrics.record_probe(&probe(kind, if kind.contains("dead") { 503 } else { 200 }));
+            }
+        }
+    }
+
+    #[test]
+    fn departed_types_are_dropped_once_the_generation_is_old_enough() {
+        // A generation that may be replaced at once.
+        let metrics = metrics().with_series_reset(Duration::from_nanos(1));
+        run_rounds(&metrics, &[&["me_service", "path_gone", "path_dead"], &["me_service", "path_gone", "path_dead"]]);
+        let before = metrics.render_shared().expect("render");
+        assert_eq!(
+            types_in(&String::from_utf8_lossy(&before)),
+            ["me_service", "path_dead", "path_gone"].map(String::from).into()
+        );
+
+        run_rounds(&metrics, &[&["me_service", "path_dead"]]);
+        let after = metrics.render_shared().expect("render");
+        let after = String::from_utf8_lossy(&after);
+        assert_eq!(types_in(&after), ["me_service", "path_dead"].map(String::from).into(), "{after}");
+        assert!(after.contains("kubenurse_errors_total{event=\"status_code_503\",type=\"path_dead\"} 1"), "{after}");
+        assert!(
+            after.contains("kubenurse_httpclient_requests_total{code=\"200\",type=\"me_service\"} 1"),
+            "every series restarted: {after}"
+        );
+        // Nothing departed since: no further restart.
+        run_rounds(&metrics, &[&["me_service", "path_dead"]]);
+        let text = metrics.render().expect("render");
+        assert!(text.contains("kubenurse_httpclient_requests_total{code=\"200\",type=\"me_service\"} 2"), "{text}");
+    }
+
+    #[test]
+    fn departed_types_stay_while_the_generation_is_young_or_resets_are_off() {
+        for metrics in [metrics(), metrics().with_series_reset(Duration::ZERO)] {
+            run_rounds(&metrics, &[&["me_service", "path_gone"], &["me_service"], &["me_service"]]);
+            let text = metrics.render().expect("render");
+            assert_eq!(types_in(&text), ["me_service", "path_gone"].map(String::from).into());
+            assert!(text.contains("kubenurse_httpclient_requests_total{code=\"200\",type=\"me_service\"} 3"));
+        }
+    }
+
+    #[test]
+    fn the_lean_profile_keeps_per_event_durations_for_fixed_probes_only() {
+        let metrics = metrics().with_detail(MetricsDetail::Lean);
+        run_rounds(&metrics, &[&["me_service", "path_node-a"]]);
+        let text = metrics.render().expect("render");
+        let families = |kind: &str| -> std::collections::BTreeSet<String> {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && l.contains(&format!("type=\"{kind}\"")))
+                .filter_map(|l| l.split('{').next().map(str::to_owned))
+                .collect()
+        };
+        let trace = "kubenurse_httpclient_trace_request_duration_seconds_count";
+        assert!(families("me_service").contains(trace), "{text}");
+        assert!(!families("path_node-a").contains(trace), "{text}");
+        for kept in ["kubenurse_httpclient_request_duration_seconds_count", "kubenurse_httpclient_requests_total"] {
+            assert!(families("path_node-a").contains(kept), "{kept}: {text}");
+        }
+    }
+
+    /// Log lines written while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                lock(&self.0).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&lock(&buffer.0)).into_owned();
+        text
+    }
+
+    #[test]
+    fn series_beyond_the_limit_are_logged_once_and_counted() {
+        let metrics = metrics();
+        let extra = 25;
+        let log = logged(|| {
+            for i in 0..SERIES_LIMIT + extra {
+                metrics.record_probe(&probe(&format!("check-{i}"), 200));
+            }
+        });
+        let text = metrics.render().expect("render");
+        // The SDK folded the same measurements that the agent counted.
+        assert!(text.contains("kubenurse_httpclient_requests_total{otel_metric_overflow=\"true\"} 25"), "SDK overflow");
+        for (metric, overflowed) in [
+            ("kubenurse_httpclient_requests_total", extra),
+            ("kubenurse_httpclient_request_duration_seconds", extra),
+            // Four events per probe: the limit is reached after 500 types.
+            ("kubenurse_httpclient_trace_request_duration_seconds", (SERIES_LIMIT + extra) * 4 - SERIES_LIMIT),
+            ("kubenurse_errors_total", 0),
+        ] {
+            let line = format!("kubenurse_metric_overflow_total{{metric=\"{metric}\"}} {overflowed}");
+            assert!(
+                text.contains(&line),
+                "{line} in\n{}",
+                text.lines().filter(|l| l.contains("overflow")).collect::<Vec<_>>().join("\n")
+            );
+        }
+        let warnings = log.lines().filter(|l| l.contains("metric series limit reached")).count();
+        assert_eq!(warnings, 3, "once per instrument that reached the limit: {log}");
     }
 }

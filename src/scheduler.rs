@@ -15,7 +15,7 @@ use crate::discovery::{Discovery, Neighbourhood};
 use crate::metrics::Metrics;
 use crate::probe::{FailedPhase, ProbeResult, Prober, Target};
 use crate::ratelimit::FailureStreak;
-use crate::selection::select;
+use crate::selection::{nearest, ring_hash};
 use crate::targets::{Skipped, Targets};
 use crate::telemetry::ProbeSpans;
 
@@ -28,7 +28,8 @@ pub struct RoundReport {
     pub number: u64,
     pub results: Vec<ProbeResult>,
     pub skipped: Vec<Skipped>,
-    pub neighbourhood: Neighbourhood,
+    /// Shared with discovery (and with the rounds before, while nothing changed).
+    pub neighbourhood: Arc<Neighbourhood>,
     /// How late the round started against its schedule.
     pub lateness: Duration,
     pub duration: Duration,
@@ -67,6 +68,7 @@ impl Scheduler {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut failures = FailureLog::default();
+        let mut chosen = Chosen::default();
         let mut number = 0;
         loop {
             let scheduled = tokio::select! {
@@ -75,26 +77,31 @@ impl Scheduler {
             };
             number += 1;
             let lateness = Instant::now().saturating_duration_since(scheduled);
-            self.metrics.record_round_lateness(lateness);
-            let report = self.round(number, lateness).await;
+            let report = self.round(number, lateness, &mut chosen).await;
             failures.record(&report.results, Instant::now());
             self.reports.send_replace(Some(Arc::new(report)));
         }
     }
 
-    async fn round(&self, number: u64, lateness: Duration) -> RoundReport {
+    async fn round(&self, number: u64, lateness: Duration, chosen: &mut Chosen) -> RoundReport {
         let started = Instant::now();
         // Asked even with neighbour probes off: the own-node watch behind `/ready` reports its
         // failures here too.
-        let neighbourhood = self.discovery.neighbourhood();
-        let mut targets = self.targets.fixed().to_vec();
-        // An unknown own node is reported in the neighbourhood state; the ring then starts at
-        // the hash of "" so that probing goes on.
-        let own_node = neighbourhood.own_node.as_deref().or(self.own_node.as_deref()).unwrap_or_default();
-        let candidates = if self.check_neighbourhood { neighbourhood.neighbours.clone() } else { Vec::new() };
-        let chosen = select(own_node, self.neighbour_limit, candidates, |n| n.node_name.as_str());
-        targets.extend(chosen.iter().filter_map(|n| self.targets.neighbour(n)));
+        let neighbourhood = self.discovery.shared_neighbourhood();
+        chosen.update(
+            &neighbourhood,
+            self.own_node.as_deref(),
+            self.neighbour_limit,
+            self.check_neighbourhood,
+            &self.targets,
+        );
+        let mut targets = Vec::with_capacity(self.targets.fixed().len() + chosen.targets.len());
+        targets.extend_from_slice(self.targets.fixed());
+        targets.extend_from_slice(&chosen.targets);
         self.prober.retain_idle(&targets);
+        // Before anything of this round is recorded: the metrics may start a new generation.
+        self.metrics.start_round(targets.iter().map(|t| t.kind.as_str()));
+        self.metrics.record_round_lateness(lateness);
 
         let prober = &self.prober;
         let results = probe_all(&targets, |target| {
@@ -116,6 +123,41 @@ impl Scheduler {
             lateness,
             duration: started.elapsed(),
         }
+    }
+}
+
+/// The neighbour targets of the current neighbourhood. Choosing them is a pass over every
+/// neighbour, so it happens only when discovery hands out a new neighbourhood; a round
+/// otherwise compares two pointers, whatever the size of the cluster.
+#[derive(Default)]
+struct Chosen {
+    /// The neighbourhood the choice was made from (`None` before the first round).
+    from: Option<Arc<Neighbourhood>>,
+    targets: Vec<Arc<Target>>,
+}
+
+impl Chosen {
+    /// Chooses again if `neighbourhood` is not the one of the last choice; true when it did.
+    /// An unknown own node (`configured` is the configured one) is reported in the
+    /// neighbourhood state; the ring then starts at the hash of "" so that probing goes on.
+    fn update(
+        &mut self,
+        neighbourhood: &Arc<Neighbourhood>,
+        configured: Option<&str>,
+        limit: usize,
+        enabled: bool,
+        targets: &Targets,
+    ) -> bool {
+        if self.from.as_ref().is_some_and(|from| Arc::ptr_eq(from, neighbourhood)) {
+            return false;
+        }
+        let own_node = neighbourhood.own_node.as_deref().or(configured).unwrap_or_default();
+        let neighbours = if enabled { &neighbourhood.neighbours[..] } else { &[] };
+        let hashes: Vec<u64> = neighbours.iter().map(|n| n.node_hash).collect();
+        let keep = nearest(ring_hash(own_node), limit, &hashes);
+        self.targets = keep.into_iter().filter_map(|i| targets.neighbour(&neighbours[i])).collect();
+        self.from = Some(neighbourhood.clone());
+        true
     }
 }
 
@@ -210,6 +252,7 @@ fn whole_seconds(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::Neighbour;
     use crate::probe::Outcome;
     use std::sync::mpsc;
 
@@ -261,6 +304,59 @@ mod tests {
         })
         .await;
         assert!(results.iter().all(ProbeResult::is_ok), "a probe waited on the other: not run in parallel");
+    }
+
+    fn neighbour(node: &str, ip: &str) -> Neighbour {
+        Neighbour {
+            pod_name: format!("kubenurse-{node}"),
+            pod_ip: ip.into(),
+            pod_ips: vec![ip.into()],
+            host_ip: String::new(),
+            node_name: node.into(),
+            node_hash: ring_hash(node),
+            port: None,
+        }
+    }
+
+    #[test]
+    fn neighbours_are_chosen_again_only_when_the_neighbourhood_changes() {
+        let targets =
+            Targets::from_config(&crate::config::Config::from_flags(["--neighbour-port=9000"]).expect("config"));
+        let hood = |neighbours: Vec<Neighbour>, own: Option<&str>| {
+            Arc::new(Neighbourhood { state: "ok".into(), neighbours, own_node: own.map(str::to_owned) })
+        };
+        let mut list: Vec<Neighbour> =
+            (0..50).map(|i| neighbour(&format!("node-{i}"), &format!("10.0.0.{i}"))).collect();
+        let kinds = |c: &Chosen| c.targets.iter().map(|t| t.kind.clone()).collect::<Vec<_>>();
+        let mut chosen = Chosen::default();
+        let first = hood(list.clone(), Some("node-self"));
+        assert!(chosen.update(&first, None, 10, true, &targets), "the first round chooses");
+        let ring = crate::selection::select("node-self", 10, list.clone(), |n| n.node_name.as_str());
+        let want: Vec<String> = ring.iter().map(|n| format!("path_{}", n.node_name)).collect();
+        assert_eq!(kinds(&chosen), want, "the ring's choice, from the kept node hashes");
+        let kept = chosen.targets.clone();
+
+        // The same neighbourhood in the next rounds: nothing is chosen, the targets are kept.
+        for _ in 0..3 {
+            assert!(!chosen.update(&first, None, 10, true, &targets));
+        }
+        assert!(chosen.targets.iter().zip(&kept).all(|(a, b)| Arc::ptr_eq(a, b)));
+
+        // Discovery hands out a new neighbourhood: a chosen neighbour's pod has a new address.
+        let moved = list.iter().position(|n| n.node_name == ring[0].node_name).expect("chosen");
+        list[moved].pod_ip = "10.0.9.9".into();
+        assert!(chosen.update(&hood(list.clone(), Some("node-self")), None, 10, true, &targets));
+        assert_eq!(chosen.targets[0].url.to_string(), "http://10.0.9.9:9000/alwayshappy");
+        // A neighbour leaves.
+        list.remove(moved);
+        assert!(chosen.update(&hood(list.clone(), Some("node-self")), None, 10, true, &targets));
+        assert!(!kinds(&chosen).contains(&want[0]));
+        // The own node from the configuration when discovery does not know it; probes off.
+        let unknown = hood(list.clone(), None);
+        assert!(chosen.update(&unknown, Some("node-self"), 10, true, &targets));
+        assert!(chosen.targets.iter().all(|t| t.kind != format!("path_{}", want[0])));
+        assert!(chosen.update(&hood(list, None), Some("node-self"), 10, false, &targets));
+        assert!(chosen.targets.is_empty(), "neighbour probes off");
     }
 
     #[test]

@@ -17,19 +17,28 @@ pub fn ring_hash(node_name: &str) -> u64 {
 /// Keeps the `limit` candidates whose ring distance from `own_node` is smallest
 /// (`limit == 0` keeps all). `node_of` names the node a candidate runs on.
 ///
-/// The result is ordered by ring distance; ties (same node name) keep input order.
+/// The result is ordered by ring distance; ties (same node name) keep input order. This
+/// hashes every candidate: callers that keep node hashes use [`nearest`].
 pub fn select<T>(own_node: &str, limit: usize, candidates: Vec<T>, node_of: impl Fn(&T) -> &str) -> Vec<T> {
-    if limit == 0 || candidates.len() <= limit {
-        return candidates;
+    let hashes: Vec<u64> = candidates.iter().map(|c| ring_hash(node_of(c))).collect();
+    let keep = nearest(ring_hash(own_node), limit, &hashes);
+    let mut slots: Vec<Option<T>> = candidates.into_iter().map(Some).collect();
+    keep.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
+/// The positions in `hashes` (ring positions of the candidates' nodes) of the `limit`
+/// candidates nearest after `own` on the ring, nearest first, ties in input order. With
+/// `limit == 0`, or no more candidates than `limit`, every position in input order.
+pub fn nearest(own: u64, limit: usize, hashes: &[u64]) -> Vec<usize> {
+    if limit == 0 || hashes.len() <= limit {
+        return (0..hashes.len()).collect();
     }
-    let own = ring_hash(own_node);
-    let mut keyed: Vec<(u64, T)> =
-        candidates.into_iter().map(|c| (ring_hash(node_of(&c)).wrapping_sub(own), c)).collect();
+    let mut keyed: Vec<(u64, usize)> = hashes.iter().enumerate().map(|(i, h)| (h.wrapping_sub(own), i)).collect();
     // Partial selection keeps this O(n) for large clusters; only the kept part is sorted.
-    keyed.select_nth_unstable_by_key(limit - 1, |(distance, _)| *distance);
+    keyed.select_nth_unstable(limit - 1);
     keyed.truncate(limit);
-    keyed.sort_by_key(|(distance, _)| *distance);
-    keyed.into_iter().map(|(_, c)| c).collect()
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, i)| i).collect()
 }
 
 #[cfg(test)]
@@ -95,6 +104,17 @@ mod tests {
             want.sort();
             assert_eq!(got, want, "self={} n={} limit={}", case.own, case.nodes_count, case.limit);
         }
+    }
+
+    #[test]
+    fn nearest_follows_the_ring_from_the_own_position() {
+        let own = 1_000;
+        let hashes = [own + 30, own - 1, own + 10, own + 20, own + 10];
+        assert_eq!(nearest(own, 3, &hashes), [2, 4, 3], "nearest first, ties in input order");
+        assert_eq!(nearest(own, 4, &hashes), [2, 4, 3, 0]);
+        assert_eq!(nearest(own, 1, &hashes[..2]), [0], "the node just before is the farthest");
+        assert_eq!(nearest(own, 0, &hashes), [0, 1, 2, 3, 4], "no limit: input order");
+        assert_eq!(nearest(own, 9, &hashes), [0, 1, 2, 3, 4]);
     }
 
     #[test]

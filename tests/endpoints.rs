@@ -166,3 +166,95 @@ async fn tls_agents_serve_https_and_probe_each_other_over_it() {
         agent.stop().await;
     }
 }
+
+/// A peer that answers every request with the status line `HTTP/1.1 <path> X`, whatever
+/// the code: hyper accepts any three digits, and refuses the rest.
+async fn raw_status_peer() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let code = head.split(' ').nth(1).unwrap_or("/500").trim_start_matches('/').to_owned();
+                let answer = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn status_codes_a_peer_makes_up_do_not_become_label_values() {
+    let (peer, task) = raw_status_peer().await;
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=1h".into(),
+        format!(
+            "--extra-checks=c404:http://{peer}/404|c600:http://{peer}/600|c999:http://{peer}/999|c42:http://{peer}/42"
+        ),
+    ])
+    .await;
+    wait_round(&agent, 1).await;
+    let (_, text) = get(agent.local_addr, "/metrics").await;
+    for kind in ["c600", "c999"] {
+        let requests = metric(&text, "kubenurse_httpclient_requests_total", &[("type", kind), ("code", "other")]);
+        assert_eq!(requests, Some(1.0), "{kind}: {text}");
+        let errors = metric(&text, "kubenurse_errors_total", &[("type", kind), ("event", "status_code_other")]);
+        assert_eq!(errors, Some(1.0), "{kind}: {text}");
+    }
+    assert_eq!(metric(&text, "kubenurse_httpclient_requests_total", &[("type", "c404"), ("code", "404")]), Some(1.0));
+    // Two digits are no HTTP status line: a malformed answer.
+    let malformed = metric(&text, "kubenurse_errors_total", &[("type", "c42"), ("event", "round_trip_error")]);
+    assert_eq!(malformed, Some(1.0), "{text}");
+    for made_up in ["600", "999", "42"] {
+        assert!(!text.contains(&format!("\"{made_up}\"")), "{made_up} became a label value: {text}");
+        assert!(!text.contains(&format!("status_code_{made_up}")), "{made_up} became an event: {text}");
+    }
+    agent.stop().await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn the_lean_profile_drops_per_event_series_of_neighbours_only() {
+    let target = Target::http("127.0.0.1").await;
+    let mut series = Vec::new();
+    for detail in ["full", "lean"] {
+        let agent = start(&[
+            "--listen-addr=127.0.0.1:0".into(),
+            "--check-interval=1h".into(),
+            format!("--metrics-detail={detail}"),
+            format!("--neighbours=node-a={}", target.addr),
+            format!("--extra-checks=ok:{}", target.url("/ok")),
+        ])
+        .await;
+        wait_round(&agent, 1).await;
+        let (_, text) = get(agent.local_addr, "/metrics").await;
+        let families = |kind: &str| -> std::collections::BTreeSet<String> {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && l.contains(&format!("type=\"{kind}\"")))
+                .filter_map(|l| l.split('{').next().map(str::to_owned))
+                .collect()
+        };
+        let (fixed, neighbour) = (families("ok"), families("path_node-a"));
+        let trace = "kubenurse_httpclient_trace_request_duration_seconds_count";
+        assert!(fixed.contains(trace), "{detail}: fixed probes keep per-event durations");
+        assert_eq!(neighbour.contains(trace), detail == "full", "{detail}: {neighbour:?}");
+        for kept in ["kubenurse_httpclient_request_duration_seconds_count", "kubenurse_httpclient_requests_total"] {
+            assert!(neighbour.contains(kept), "{detail}: {kept} of neighbours");
+        }
+        series.push(text.lines().filter(|l| !l.starts_with('#')).count());
+        agent.stop().await;
+    }
+    assert!(series[1] < series[0], "lean has fewer series: {series:?}");
+}

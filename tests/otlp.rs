@@ -212,6 +212,7 @@ async fn grpc_push_carries_names_units_labels_buckets_and_resource() {
         "kubenurse_httpclient_requests_total",
         "kubenurse_errors_total",
         "kubenurse_neighbourhood_incoming_checks",
+        "kubenurse_metric_overflow_total",
     ] {
         assert!(families(&latest).contains_key(name), "{name} after translation");
     }
@@ -396,5 +397,81 @@ async fn a_rejecting_or_slow_collector_does_not_touch_probing_and_export_resumes
 
     receiver.set_delay(Duration::ZERO);
     receiver.wait_for("export resumes", WAIT, |r| has_metric(r, "kubenurse_httpclient_requests")).await;
+    agent.stop().await;
+}
+
+/// A neighbour that leaves (its pod and node deleted) takes its series with it, from
+/// `/metrics` and from the push, once the series reset interval has passed; a neighbour that
+/// is still selected but dead keeps its series, and so do the fixed probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn departed_neighbours_leave_metrics_and_push_while_dead_ones_stay() {
+    use common::agent::{probe_types, probed_nodes, pushed_types, wait_metrics, wait_report};
+    use common::fake_apiserver::{node, pod, FakeApiServer};
+    let receiver = OtlpReceiver::grpc(any_addr()).await;
+    let api = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    api.write_service_account_dir(dir.path());
+    let gone = Target::http("127.0.0.62").await;
+    let port = gone.addr.port();
+    let labels = &[("app", "kubenurse")];
+    for (name, ip) in [("self", "127.0.0.60"), ("gone", "127.0.0.62"), ("dead", "127.0.0.63")] {
+        api.upsert_node(node(&format!("node-{name}")));
+        api.upsert_pod(pod(&format!("kubenurse-{name}"), "kubenurse", labels, &format!("node-{name}"), ip, "Running"));
+    }
+    let mut args = vec![
+        "--listen-addr=127.0.0.60:0".to_owned(),
+        "--check-interval=200ms".into(),
+        "--check-timeout=2s".into(),
+        "--pod-name=kubenurse-self".into(),
+        "--node-name=node-self".into(),
+        format!("--neighbour-port={port}"),
+        "--discovery-jitter=0s".into(),
+        "--series-reset-interval=1s".into(),
+        format!("--extra-checks=fixed:{}", gone.url("/ok")),
+        format!("--otlp-endpoint={}", receiver.endpoint()),
+        "--otlp-protocol=grpc".into(),
+        "--otlp-metric-export-interval=300".into(),
+    ];
+    args.extend(api.agent_args(dir.path()));
+    let agent = start(&args).await;
+    wait_report(&agent, "both neighbours probed, the dead one failing", |r| {
+        probed_nodes(r) == ["node-dead", "node-gone"]
+            && r.results.iter().any(|p| p.target.kind == "path_node-gone" && p.is_ok())
+    })
+    .await;
+    let both = |types: &BTreeSet<String>| types.contains("path_node-gone") && types.contains("path_node-dead");
+    wait_metrics(agent.local_addr, "both neighbours have series", |t| both(&probe_types(t))).await;
+    receiver.wait_for("both neighbours pushed", WAIT, |r| r.metrics().iter().any(|m| both(&pushed_types(m)))).await;
+
+    api.delete_pod("kubenurse", "kubenurse-gone");
+    api.delete_node("node-gone");
+    wait_report(&agent, "node-gone no longer probed", |r| probed_nodes(r) == ["node-dead"]).await;
+    let text = wait_metrics(agent.local_addr, "node-gone's series are gone", |t| {
+        !probe_types(t).contains("path_node-gone") && probe_types(t).contains("path_node-dead")
+    })
+    .await;
+    assert!(probe_types(&text).is_superset(&["api_server_direct", "api_server_dns", "fixed"].map(String::from).into()));
+    assert!(
+        common::agent::metric(
+            &text,
+            "kubenurse_errors_total",
+            &[("type", "path_node-dead"), ("event", "connect_done")]
+        )
+        .is_some(),
+        "the dead neighbour's failures stay: {text}"
+    );
+
+    // The push follows: once an export without node-gone arrived, later ones stay without it
+    // (the replaced provider pushed its last interval when it was shut down).
+    let without_gone = |types: &BTreeSet<String>| !types.contains("path_node-gone") && types.contains("path_node-dead");
+    receiver
+        .wait_for("an export without node-gone", WAIT, |r| {
+            r.metrics().last().is_some_and(|m| without_gone(&pushed_types(m)))
+        })
+        .await;
+    let seen = receiver.metrics().len();
+    receiver.wait_for("three more exports", WAIT, |r| r.metrics().len() >= seen + 3).await;
+    let latest = receiver.metrics().pop().expect("an export");
+    assert!(without_gone(&pushed_types(&latest)), "{:?}", pushed_types(&latest));
     agent.stop().await;
 }

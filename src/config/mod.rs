@@ -829,13 +829,11 @@ mod tests {
         let c = parse(&[]).expect("defaults");
         assert_eq!(c.metrics_detail, MetricsDetail::Full, "Go-compatible by default");
         assert_eq!(c.series_reset_interval, Duration::from_secs(600));
-        let c = parse_env(
-            &[],
-            &[("KUBENURSE_METRICS_DETAIL", "lean"), ("KUBENURSE_SERIES_RESET_INTERVAL", "0s")],
-        )
-        .expect("valid");
+        let c = parse_env(&[], &[("KUBENURSE_METRICS_DETAIL", "lean"), ("KUBENURSE_SERIES_RESET_INTERVAL", "0s")])
+            .expect("valid");
         assert_eq!((c.metrics_detail, c.series_reset_interval), (MetricsDetail::Lean, Duration::ZERO));
-        for (variable, value) in [("KUBENURSE_METRICS_DETAIL", "minimal"), ("KUBENURSE_SERIES_RESET_INTERVAL", "often")] {
+        for (variable, value) in [("KUBENURSE_METRICS_DETAIL", "minimal"), ("KUBENURSE_SERIES_RESET_INTERVAL", "often")]
+        {
             let err = parse_env(&[], &[(variable, value)]).expect_err(value);
             assert!(err.contains(variable) && !err.contains('\n'), "{err}");
         }

@@ -8,6 +8,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+/// Status codes that keep their own label value; any other code a peer answers is `other`.
+const STANDARD_CODES: std::ops::RangeInclusive<u16> = 100..=599;
+
 /// A point in a request's life, as Go's `httptrace` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Event {
@@ -144,19 +147,26 @@ impl ProbeResult {
         self.outcome == Outcome::Response { status: 200 }
     }
 
-    /// The `code` label of `kubenurse_httpclient_requests_total`.
+    /// The `code` label of `kubenurse_httpclient_requests_total`. The peer chooses the status,
+    /// so codes outside the HTTP range 100–599 are one value, `other`: a hostile peer cannot
+    /// create hundreds of series.
     pub fn code_label(&self) -> Cow<'static, str> {
         match &self.outcome {
-            Outcome::Response { status } => Cow::Owned(status.to_string()),
+            Outcome::Response { status } if STANDARD_CODES.contains(status) => Cow::Owned(status.to_string()),
+            Outcome::Response { .. } => Cow::Borrowed("other"),
             Outcome::Failed { .. } => Cow::Borrowed("round_trip_error"),
         }
     }
 
-    /// The `event` label of `kubenurse_errors_total`, when the probe failed.
+    /// The `event` label of `kubenurse_errors_total`, when the probe failed: the failed phase,
+    /// or `status_code_<N>` (`status_code_other` outside 100–599, as for [`Self::code_label`]).
     pub fn error_event(&self) -> Option<Cow<'static, str>> {
         match &self.outcome {
             Outcome::Response { status: 200 } => None,
-            Outcome::Response { status } => Some(Cow::Owned(format!("status_code_{status}"))),
+            Outcome::Response { status } if STANDARD_CODES.contains(status) => {
+                Some(Cow::Owned(format!("status_code_{status}")))
+            }
+            Outcome::Response { .. } => Some(Cow::Borrowed("status_code_other")),
             Outcome::Failed { phase, .. } => Some(Cow::Borrowed(phase.label())),
         }
     }
@@ -230,6 +240,22 @@ mod tests {
         }
         assert_eq!(result(Outcome::Response { status: 200 }).error_event(), None);
         assert_eq!(result(Outcome::Response { status: 200 }).summary(), "ok");
+    }
+
+    #[test]
+    fn status_codes_outside_the_http_range_share_one_label() {
+        for (status, code, event) in [
+            (100, "100", "status_code_100"),
+            (599, "599", "status_code_599"),
+            (600, "other", "status_code_other"),
+            (999, "other", "status_code_other"),
+            (42, "other", "status_code_other"),
+            (0, "other", "status_code_other"),
+        ] {
+            let r = result(Outcome::Response { status });
+            assert_eq!(r.code_label(), code, "{status}");
+            assert_eq!(r.error_event().as_deref(), Some(event), "{status}");
+        }
     }
 
     #[test]

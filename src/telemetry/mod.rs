@@ -10,7 +10,7 @@ use crate::config::{Config, LogFormat};
 mod otlp;
 mod spans;
 
-pub use otlp::{metric_reader, tracer_provider, PushReader, TelemetryError};
+pub use otlp::{metric_push, tracer_provider, MetricPush, PushReader, TelemetryError};
 pub use spans::ProbeSpans;
 
 /// The OpenTelemetry SDK reports export failures through its own logs every interval, and

@@ -3,7 +3,7 @@
 //! per interval.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
@@ -11,7 +11,9 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, Temporality};
-use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanLimits,
+};
 use opentelemetry_sdk::Resource;
 
 use crate::config::otel::{Compression, OtelConfig, Protocol, Signal, SignalExport, TemporalityPreference};
@@ -19,7 +21,7 @@ use crate::ratelimit::FailureStreak;
 use crate::sync::lock;
 
 /// The reader that pushes metrics.
-pub type PushReader = PeriodicReader<Logged<MetricExporter>>;
+pub type PushReader = PeriodicReader<SharedExporter<Logged<MetricExporter>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -62,8 +64,23 @@ macro_rules! build_exporter {
     }};
 }
 
-/// The metric push reader, when metrics are pushed. Must run inside the Tokio runtime (gRPC).
-pub fn metric_reader(config: &OtelConfig) -> Result<Option<PushReader>, TelemetryError> {
+/// Makes the metric push readers: one per metrics generation (see `metrics`), so that the
+/// series of departed neighbours leave the push too. They share one exporter, and so one
+/// connection to the collector and one failure log, for the agent's whole life.
+pub struct MetricPush {
+    exporter: Arc<Logged<MetricExporter>>,
+    interval: Duration,
+}
+
+impl MetricPush {
+    /// A new reader on the shared exporter.
+    pub fn reader(&self) -> PushReader {
+        PeriodicReader::builder(SharedExporter(self.exporter.clone())).with_interval(self.interval).build()
+    }
+}
+
+/// The metric push, when metrics are pushed. Must run inside the Tokio runtime (gRPC).
+pub fn metric_push(config: &OtelConfig) -> Result<Option<MetricPush>, TelemetryError> {
     let Some(export) = config.signal(Signal::Metrics) else { return Ok(None) };
     let temporality = match config.temporality {
         TemporalityPreference::Cumulative => Temporality::Cumulative,
@@ -77,8 +94,32 @@ pub fn metric_reader(config: &OtelConfig) -> Result<Option<PushReader>, Telemetr
         source,
     })?;
     tracing::info!(endpoint = %export.endpoint, protocol = ?export.protocol, interval = ?config.metric_export_interval, "pushing metrics over OTLP");
-    let exporter = Logged::new(exporter, "metrics");
-    Ok(Some(PeriodicReader::builder(exporter).with_interval(config.metric_export_interval).build()))
+    let exporter = Arc::new(Logged::new(exporter, "metrics"));
+    Ok(Some(MetricPush { exporter, interval: config.metric_export_interval }))
+}
+
+/// The exporter as one generation's reader holds it. When that reader shuts down (its
+/// generation replaced, or the agent stopping) it pushes its last interval; the exporter
+/// stays open for the next generation and goes with the process.
+#[derive(Debug)]
+pub struct SharedExporter<E>(Arc<E>);
+
+impl<E: PushMetricExporter> PushMetricExporter for SharedExporter<E> {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        self.0.export(metrics).await
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.0.temporality()
+    }
 }
 
 /// The tracer provider for slow-probe spans, when traces are exported.
@@ -93,8 +134,22 @@ pub fn tracer_provider(config: &OtelConfig, resource: Resource) -> Result<Option
     tracing::info!(endpoint = %export.endpoint, protocol = ?export.protocol, "exporting slow-probe spans over OTLP");
     // The batch processor's queue is bounded (2,048 spans): a collector that is away drops
     // spans instead of growing memory.
-    let processor = BatchSpanProcessor::builder(Logged::new(exporter, "traces")).build();
-    Ok(Some(SdkTracerProvider::builder().with_resource(resource).with_span_processor(processor).build()))
+    // Every setting is given here, so the SDK's own reading of OTEL_BSP_* and
+    // OTEL_TRACES_SAMPLER cannot change what the agent's configuration says.
+    let batch = BatchConfigBuilder::default()
+        .with_max_queue_size(2_048)
+        .with_max_export_batch_size(512)
+        .with_scheduled_delay(Duration::from_secs(5))
+        .build();
+    let processor = BatchSpanProcessor::builder(Logged::new(exporter, "traces")).with_batch_config(batch).build();
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOn)
+            .with_span_limits(SpanLimits::default())
+            .with_resource(resource)
+            .with_span_processor(processor)
+            .build(),
+    ))
 }
 
 fn headers(export: &SignalExport) -> HashMap<String, String> {

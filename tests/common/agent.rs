@@ -131,3 +131,52 @@ pub fn probed_nodes(report: &kubenurse::scheduler::RoundReport) -> Vec<String> {
     nodes.sort();
     nodes
 }
+
+/// The `type` label values of an exposition's series: the probe types that have series.
+pub fn probe_types(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split("type=\"").nth(1)?.split('"').next().map(str::to_owned))
+        .collect()
+}
+
+/// Reads `/metrics` until `check` holds (bounded, every 100 ms); returns that text.
+pub async fn wait_metrics(addr: std::net::SocketAddr, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let mut last = String::new();
+    for _ in 0..300 {
+        let (_, text) = get(addr, "/metrics").await;
+        if check(&text) {
+            return text;
+        }
+        last = text;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no /metrics where {what} within 30 s; last:\n{last}");
+}
+
+/// The `type` attribute values of the points of one OTLP metrics export.
+pub fn pushed_types(
+    request: &opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+) -> std::collections::BTreeSet<String> {
+    use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let type_of = |attrs: &[KeyValue]| {
+        attrs.iter().find(|kv| kv.key == "type").and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+    };
+    let metrics = request.resource_metrics.iter().flat_map(|r| &r.scope_metrics).flat_map(|s| &s.metrics);
+    let mut out = std::collections::BTreeSet::new();
+    for m in metrics {
+        match m.data.as_ref() {
+            Some(Data::Histogram(h)) => out.extend(h.data_points.iter().filter_map(|p| type_of(&p.attributes))),
+            Some(Data::ExponentialHistogram(h)) => {
+                out.extend(h.data_points.iter().filter_map(|p| type_of(&p.attributes)))
+            }
+            Some(Data::Sum(s)) => out.extend(s.data_points.iter().filter_map(|p| type_of(&p.attributes))),
+            _ => {}
+        }
+    }
+    out
+}
