@@ -38,7 +38,7 @@ HISTOGRAMS = {
     "kubenurse_httpclient_trace_request_duration_seconds",
     "kubenurse_round_lateness_seconds",
 }
-COUNTERS = {"kubenurse_httpclient_requests_total", "kubenurse_errors_total"}
+COUNTERS = {"kubenurse_httpclient_requests_total", "kubenurse_errors_total", "kubenurse_metric_overflow_total"}
 GAUGES = {"kubenurse_neighbourhood_incoming_checks"}
 FAMILIES = HISTOGRAMS | COUNTERS | GAUGES
 SERIES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
