@@ -217,12 +217,7 @@ fn tls_connector(ca: &TestCa) -> TlsConnector {
 /// Anonymous resident memory (heap, stacks) in KiB: what the agent allocates. The rest of
 /// its RSS is the pages of its own binary, which is large in a debug build.
 fn anonymous_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("RssAnon")
+    common::process::status_kib(pid, "RssAnon")
 }
 
 /// The agent's process, killed if the test ends early.
