@@ -17,7 +17,7 @@ fn main() {
     let full = full_run();
     let (runs, interval_ms, measured_rounds) = if full { (3, 1000, 60) } else { (1, 50, 16) };
     let port = free_port("127.0.0.2");
-    let neighbours = demo_neighbours(10, port);
+    let neighbours = Running(Some(demo_neighbours(10, port)));
     for i in 2..12u8 {
         let addr: SocketAddr = format!("127.0.0.{i}:{port}").parse().expect("addr");
         wait_ok(addr, "/alwayshappy", Duration::from_secs(20));
@@ -40,7 +40,7 @@ fn main() {
         }
         results.push((name, rss, cpu_per_round));
     }
-    stop(neighbours);
+    drop(neighbours);
     println!(
         "footprint: 5 extra checks + 10 probed neighbours (15 probes, fresh connections), {interval_ms} ms interval, \
          {measured_rounds} rounds, {runs} runs"
@@ -56,12 +56,12 @@ fn main() {
 /// after the last round (MiB) and its CPU time per round from round 10 on (ms).
 fn run(neighbours: &str, extra: &[String], interval_ms: u64, measured_rounds: u64) -> (f64, f64) {
     let listen: SocketAddr = format!("127.0.0.100:{}", free_port("127.0.0.100")).parse().expect("addr");
-    let child = agent(&[
+    let child = Running(Some(agent(&[
         ("KUBENURSE_LISTEN_ADDR", listen.to_string()),
         ("KUBENURSE_CHECK_INTERVAL", format!("{interval_ms}ms")),
         ("KUBENURSE_NEIGHBOURS", neighbours.to_owned()),
         ("KUBENURSE_EXTRA_CHECKS", extra.join("|")),
-    ]);
+    ])));
     let pid = child.id();
     wait_ok(listen, "/ready", Duration::from_secs(20));
     // CPU from round 10 on (start-up excluded), RSS after the last round.
@@ -75,6 +75,23 @@ fn run(neighbours: &str, extra: &[String], interval_ms: u64, measured_rounds: u6
     let (_, alive) = http_get(listen, "/alive").expect("alive");
     let ok = alive.matches("\": \"ok\"").count();
     assert!(ok >= 15, "probes failing: {ok} ok in {}", &alive[..alive.len().min(2000)]);
-    stop(child);
+    drop(child);
     (rss, cpu)
+}
+
+/// A child process, stopped when this is dropped: also when a check fails on the way.
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            stop(child);
+        }
+    }
 }

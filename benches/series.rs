@@ -33,7 +33,7 @@ fn main() {
     println!("series: a live /metrics, every probe answering; lines that are not comments");
     for &(nodes, limit) in cases {
         let port = free_port("127.0.0.2");
-        let demo = demo_neighbours(nodes, port);
+        let demo = Running(Some(demo_neighbours(nodes, port)));
         for i in 0..nodes {
             let addr: SocketAddr = format!("127.0.0.{}:{port}", i + 2).parse().expect("addr");
             wait_ok(addr, "/alwayshappy", Duration::from_secs(20));
@@ -59,7 +59,7 @@ fn main() {
             api.delete_pod("kubenurse", &format!("kubenurse-{}", i + 1));
             api.delete_node(&format!("node-{}", i + 1));
         }
-        stop(demo);
+        drop(demo);
     }
 }
 
@@ -91,7 +91,7 @@ fn count(
     probed: usize,
 ) -> (usize, BTreeMap<String, usize>) {
     let listen: SocketAddr = format!("127.0.0.100:{}", free_port("127.0.0.100")).parse().expect("addr");
-    let child = agent(&[
+    let child = Running(Some(agent(&[
         ("KUBENURSE_LISTEN_ADDR", listen.to_string()),
         ("KUBENURSE_CHECK_INTERVAL", "500ms".into()),
         ("KUBENURSE_DISCOVERY_JITTER", "0s".into()),
@@ -105,7 +105,7 @@ fn count(
         ("KUBERNETES_SERVICE_PORT", api.port().to_string()),
         ("KUBERNETES_SERVICE_DNS", "localhost".into()),
         ("KUBENURSE_SERVICE_ACCOUNT_DIR", sa_dir.display().to_string()),
-    ]);
+    ])));
     wait_ok(listen, "/ready", Duration::from_secs(60));
     // Healthy: /alive answers 200 once every probe of a round was ok.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -119,7 +119,7 @@ fn count(
         std::thread::sleep(Duration::from_millis(200));
     }
     let (_, text) = http_get(listen, "/metrics").expect("metrics");
-    stop(child);
+    drop(child);
     let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
     let mut by_kind = BTreeMap::new();
     for l in &lines {
@@ -128,4 +128,15 @@ fn count(
         }
     }
     (lines.len(), by_kind)
+}
+
+/// A child process, stopped when this is dropped: also when a check fails on the way.
+struct Running(Option<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            stop(child);
+        }
+    }
 }
