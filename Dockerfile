@@ -7,7 +7,7 @@
 # Build stages use the official Rust image. Dependencies are compiled in their own layer
 # (cargo-chef "cook" from a recipe of Cargo.toml/Cargo.lock and the target layout), so an edit
 # of the sources rebuilds only the kubenurse crate; the layer is rebuilt when the manifests or
-# the lock file change. Release profile from Cargo.toml (thin LTO, stripped, panic=abort).
+# the lock file change. Release profile from Cargo.toml (fat LTO, opt-level "s", stripped, panic=abort).
 #
 # Runtime: distroless "cc" (glibc, libgcc, CA certificates for the system trust store; no
 # shell, no package manager), as the non-root user 65532. TLS is rustls: no OpenSSL needed.
