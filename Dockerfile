@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1
 #
 # kubenurse agent image.
-#   docker build -t ghcr.io/example/kubenurse-rs:0.1.0 .
+#   docker build --build-arg REVISION="$(git rev-parse --short=12 HEAD)" -t ghcr.io/example/kubenurse-rs:0.1.0 .
+# REVISION becomes the `revision` label of kubenurse_build_info (`unknown` when not given).
 #
 # Build stages use the official Rust image. Dependencies are compiled in their own layer
 # (cargo-chef "cook" from a recipe of Cargo.toml/Cargo.lock and the target layout), so an edit
 # of the sources rebuilds only the kubenurse crate; the layer is rebuilt when the manifests or
-# the lock file change. Release profile from Cargo.toml (thin LTO, stripped, panic=abort).
+# the lock file change. Release profile from Cargo.toml (fat LTO, opt-level "s", stripped, panic=abort).
 #
 # Runtime: distroless "cc" (glibc, libgcc, CA certificates for the system trust store; no
 # shell, no package manager), as the non-root user 65532. TLS is rustls: no OpenSSL needed.
@@ -26,7 +27,9 @@ FROM chef AS build
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --bin kubenurse --recipe-path recipe.json
 COPY . .
-RUN cargo build --release --locked --bin kubenurse \
+# Declared after the dependency layer, so a new revision rebuilds only the kubenurse crate.
+ARG REVISION=unknown
+RUN KUBENURSE_REVISION="${REVISION}" cargo build --release --locked --bin kubenurse \
  && install -D -m 0755 target/release/kubenurse /out/kubenurse
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -39,7 +39,7 @@ HISTOGRAMS = {
     "kubenurse_round_lateness_seconds",
 }
 COUNTERS = {"kubenurse_httpclient_requests_total", "kubenurse_errors_total", "kubenurse_metric_overflow_total"}
-GAUGES = {"kubenurse_neighbourhood_incoming_checks"}
+GAUGES = {"kubenurse_neighbourhood_incoming_checks", "kubenurse_build_info"}
 FAMILIES = HISTOGRAMS | COUNTERS | GAUGES
 SERIES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 # Alerts may also use Prometheus' own scrape health series.

@@ -21,6 +21,19 @@ Each RENDERED file is the `kubectl kustomize` output of one kustomization. For e
     DaemonSet runs everywhere with the downward-API identity, and finds its own pods: the
     Service KUBENURSE_NEIGHBOUR_SERVICE selects them (endpointslices mode, where
     KUBENURSE_NEIGHBOUR_FILTER must not be set) or KUBENURSE_NEIGHBOUR_FILTER does (pods mode);
+  * liveness and priority: the agent's liveness probe is /livez (rounds still finish), and its
+    priorityClassName is a PriorityClass of the rendering, not a system-* class, not the
+    global default;
+  * collector: every --config file of the collector is a key of its mounted ConfigMap, every
+    ${env:VAR} of those files is set, and the merged configuration (maps merged, lists
+    replaced, as the collector merges them) has a metrics pipeline;
+  * one metrics path: at most one of pod-scrape annotations on the agents, a ServiceMonitor or
+    PodMonitor of the agents, the collector remote-writing, and a scrape of the collector's
+    prometheus exporter (annotations or a monitor), so no series is ingested twice;
+  * network policy: a NetworkPolicy that selects the agents allows exactly their traffic
+    (every rule names its ports and peers): ingress on 8080/8443 from the agents and other
+    peers, egress to the agents (8080/8443), the collector pods (the port the agent's OTLP
+    endpoint reaches), cluster DNS (53 UDP and TCP) and the apiserver (an ipBlock on 443/6443);
   * --dockerfile: the runtime stage is distroless, non-root with the DaemonSet's UID, runs
     /kubenurse and exposes 8080/8443; the build is `cargo build --release --locked`.
 
@@ -209,6 +222,8 @@ def check_render(path, version):
                 problems.append("grants nonResourceURLs")
         report(f"{label}: least privilege {kn(role)}", problems)
 
+    collectors = collector_configs(docs, label)
+
     # The agent: everywhere, its identity from the downward API, and the permissions it needs.
     for ds in [d for d in by_kind.get("DaemonSet", []) if d["metadata"]["name"] == "kubenurse"]:
         spec, ns, problems = pod_spec(ds), ds["metadata"].get("namespace"), []
@@ -245,7 +260,7 @@ def check_render(path, version):
         grace = spec.get("terminationGracePeriodSeconds", 30)
         if grace <= 5 + 5 + 15:
             problems.append(f"terminationGracePeriodSeconds {grace} <= shutdown 5s + drain 5s + flush 15s")
-        for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/alwayshappy"),
+        for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/livez"),
                             ("startupProbe", "/alwayshappy")):
             got = ((container.get(probe) or {}).get("httpGet") or {}).get("path")
             if got != path:
@@ -253,6 +268,7 @@ def check_render(path, version):
         if spec.get("automountServiceAccountToken") is False:
             problems.append("automountServiceAccountToken is false (the agent needs its token)")
         report(f"{label}: agent {kn(ds)}", problems)
+        report(f"{label}: priority of {kn(ds)}", priority_problems(spec, by_kind))
 
         # Permissions of the agent's service account, from the bindings of this rendering.
         sa, problems = spec.get("serviceAccountName", "default"), []
@@ -298,6 +314,221 @@ def check_render(path, version):
             problems.append(f"may {verb} {res or ''}{'.' + group if group else ''} cluster-wide "
                             "(only listing and watching nodes is needed)")
         report(f"{label}: permissions of service account {ns}/{sa} ({mode} mode)", problems)
+
+        report(f"{label}: one metrics path from {kn(ds)} into Prometheus", metric_path_problems(docs, ds, collectors))
+        collector, collector_port = otlp_target(docs, ds)
+        for pol in by_kind.get("NetworkPolicy", []):
+            if pol["metadata"].get("namespace") == ns and selector_matches(
+                    (pol["spec"].get("podSelector") or {}).get("matchLabels"), template_labels(ds)):
+                report(f"{label}: {kn(pol)} allows exactly the agent's traffic",
+                       network_policy_problems(pol, ds, collector_port, collector))
+
+
+def priority_problems(spec, by_kind):
+    """The agent ranks by a PriorityClass of its own: not system-*, not the global default."""
+    name = spec.get("priorityClassName")
+    if not name:
+        return ["no priorityClassName"]
+    if name.startswith("system-"):
+        return [f"priorityClassName {name}: the system-* classes are for node- and cluster-critical components"]
+    pc = next((d for d in by_kind.get("PriorityClass", []) if d["metadata"]["name"] == name), None)
+    if pc is None:
+        return [f"PriorityClass {name} is not in the rendering"]
+    problems = []
+    if pc.get("globalDefault"):
+        problems.append(f"PriorityClass {name} is the global default")
+    if not 0 < pc.get("value", 0) <= 1_000_000_000:
+        problems.append(f"PriorityClass {name} value {pc.get('value')} is not above 0 and within the user range")
+    return problems
+
+
+def merge_config(base, over):
+    """The collector's merge of two configuration files: maps merge, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge_config(base.get(k), v) if k in base else v
+        return out
+    return over
+
+
+def env_refs(value, out):
+    if isinstance(value, str):
+        out.update(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)", value))
+    elif isinstance(value, dict):
+        for v in value.values():
+            env_refs(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            env_refs(v, out)
+    return out
+
+
+def collector_configs(docs, label):
+    """Deployment name -> its merged collector configuration, for every workload started with
+    --config files; reports the wiring of each."""
+    config_maps = {(d["metadata"].get("namespace"), d["metadata"]["name"]): d
+                   for d in docs if d.get("kind") == "ConfigMap"}
+    out = {}
+    for w in [d for d in docs if d.get("kind") == "Deployment"]:
+        spec, ns = pod_spec(w), w["metadata"].get("namespace")
+        for c in spec.get("containers") or []:
+            files = [a.split("=", 1)[1] for a in c.get("args") or [] if a.startswith("--config=")]
+            if not files:
+                continue
+            problems, merged = [], {}
+            volumes = {v["name"]: v for v in spec.get("volumes") or []}
+            env = {e["name"] for e in c.get("env") or []}
+            for path in files:
+                path = path.removeprefix("file:")
+                mount = next((m for m in c.get("volumeMounts") or []
+                              if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+                cm_name = ((volumes.get(mount["name"]) or {}).get("configMap") or {}).get("name") if mount else None
+                cm = config_maps.get((ns, cm_name))
+                key = path[len(mount["mountPath"].rstrip("/")) + 1:] if mount else None
+                if cm is None or key not in (cm.get("data") or {}):
+                    problems.append(f"--config={path} is no key of a mounted ConfigMap")
+                    continue
+                part = yaml.safe_load(cm["data"][key]) or {}
+                for var in sorted(env_refs(part, set()) - env):
+                    problems.append(f"{key} reads ${{env:{var}}}, which the container does not set")
+                merged = merge_config(merged, part)
+            if not (((merged.get("service") or {}).get("pipelines") or {}).get("metrics")):
+                problems.append("the merged configuration has no metrics pipeline")
+            report(f"{label}: collector configuration of {kn(w)} ({', '.join(files)})", problems)
+            out[w["metadata"]["name"]] = (w, merged)
+    return out
+
+
+def scraped_by(docs, workload):
+    """How Prometheus is told to scrape `workload` in this rendering: annotations, monitors."""
+    ways = []
+    labels = template_labels(workload)
+    ns = workload["metadata"].get("namespace")
+    annotations = ((workload["spec"]["template"].get("metadata") or {}).get("annotations") or {})
+    if str(annotations.get("prometheus.io/scrape")).lower() == "true":
+        ways.append("prometheus.io/scrape annotations")
+    services = [d for d in docs if d.get("kind") == "Service" and d["metadata"].get("namespace") == ns
+                and selector_matches((d.get("spec") or {}).get("selector"), labels)]
+    for m in docs:
+        selector = ((m.get("spec") or {}).get("selector") or {}).get("matchLabels")
+        if m.get("kind") == "PodMonitor" and selector_matches(selector, labels):
+            ways.append(kn(m))
+        if m.get("kind") == "ServiceMonitor" and any(
+                selector_matches(selector, (s["metadata"].get("labels") or {})) for s in services):
+            ways.append(kn(m))
+    return ways
+
+
+def metric_path_problems(docs, agent, collectors):
+    paths = [f"agents: {way}" for way in scraped_by(docs, agent)]
+    for name, (w, config) in collectors.items():
+        exporters = ((((config.get("service") or {}).get("pipelines") or {}).get("metrics") or {})
+                     .get("exporters") or [])
+        types = {e.split("/")[0] for e in exporters}
+        if "prometheusremotewrite" in types:
+            paths.append(f"collector {name}: remote-write")
+        if "prometheus" in types:
+            paths += [f"collector {name} :8889: {way}" for way in scraped_by(docs, w)]
+    if len(paths) > 1:
+        return [f"{len(paths)} paths into Prometheus, every series would arrive twice: {paths}"]
+    return []
+
+
+def ports_of(rule):
+    """(protocol, port) pairs of a NetworkPolicy rule."""
+    return {((p.get("protocol") or "TCP"), p.get("port")) for p in rule.get("ports") or []}
+
+
+def peer_selects(peer, ns, labels, own_ns):
+    """Whether a NetworkPolicy peer selects pods with `labels` in namespace `ns`."""
+    if "ipBlock" in peer:
+        return False
+    ns_sel = peer.get("namespaceSelector")
+    pod_sel = peer.get("podSelector")
+    if ns_sel is None and ns != own_ns:
+        return False
+    if ns_sel is not None and ns_sel != {} and (ns_sel.get("matchExpressions") or
+                                                 ns_sel.get("matchLabels") != {"kubernetes.io/metadata.name": ns}):
+        return False
+    if pod_sel is None or pod_sel == {}:
+        return True
+    return not pod_sel.get("matchExpressions") and selector_matches(pod_sel.get("matchLabels"), labels)
+
+
+def network_policy_problems(pol, agent, collector_port, collector):
+    problems = []
+    ns = pol["metadata"].get("namespace")
+    spec = pol["spec"]
+    labels = template_labels(agent)
+    types = set(spec.get("policyTypes") or [])
+    if types != {"Ingress", "Egress"}:
+        problems.append(f"policyTypes {sorted(types)}, not Ingress and Egress")
+    for direction, peers in (("ingress", "from"), ("egress", "to")):
+        for i, rule in enumerate(spec.get(direction) or []):
+            if not rule.get(peers):
+                problems.append(f"{direction}[{i}] allows every peer (no `{peers}`)")
+            if not rule.get("ports"):
+                problems.append(f"{direction}[{i}] allows every port")
+            for p in rule.get("ports") or []:
+                if not isinstance(p.get("port"), int) or "endPort" in p:
+                    problems.append(f"{direction}[{i}]: port {p.get('port')!r} is not one numeric port")
+    agent_ports = {("TCP", 8080), ("TCP", 8443)}
+    ingress = spec.get("ingress") or []
+    for i, rule in enumerate(ingress):
+        if not ports_of(rule) <= agent_ports:
+            problems.append(f"ingress[{i}] opens {sorted(ports_of(rule) - agent_ports)}, not only 8080/8443")
+    if not any(agent_ports <= ports_of(r) and any(peer_selects(p, ns, labels, ns) for p in r["from"] or [])
+               for r in ingress if r.get("from")):
+        problems.append("no ingress from the agents on 8080 and 8443")
+    egress = spec.get("egress") or []
+
+    def allows(to_labels, to_ns, wanted):
+        return any(wanted <= ports_of(r) and any(peer_selects(p, to_ns, to_labels, ns) for p in r["to"] or [])
+                   for r in egress if r.get("to"))
+
+    if not allows(labels, ns, agent_ports):
+        problems.append("no egress to the agents on 8080 and 8443")
+    if collector is None:
+        problems.append("no collector in the rendering for the agent's OTLP endpoint")
+    elif not allows(template_labels(collector), collector["metadata"].get("namespace"), {("TCP", collector_port)}):
+        problems.append(f"no egress to the collector pods on {collector_port} (the agent's OTLP endpoint)")
+    if not any({("UDP", 53), ("TCP", 53)} <= ports_of(r) for r in egress if r.get("to")):
+        problems.append("no egress to cluster DNS on 53 (UDP and TCP)")
+    apiserver = [r for r in egress if any("ipBlock" in p for p in r.get("to") or [])]
+    if not any(ports_of(r) & {("TCP", 443), ("TCP", 6443)} for r in apiserver):
+        problems.append("no egress to the apiserver (an ipBlock on 443 or 6443)")
+    for r in apiserver:
+        for p in r.get("to") or []:
+            cidr = (p.get("ipBlock") or {}).get("cidr", "")
+            if cidr.endswith("/0"):
+                problems.append(f"egress to {cidr}: every address")
+    return problems
+
+
+def otlp_target(docs, agent):
+    """The collector Deployment and container port the agent's OTLP endpoint reaches."""
+    container = next(c for c in pod_spec(agent)["containers"] if c["name"] == "kubenurse")
+    endpoint = ((agent_env(container).get("OTEL_EXPORTER_OTLP_ENDPOINT") or {}).get("value") or "")
+    m = re.match(r"^https?://([^.:/]+)\.([^.:/]+)[^:/]*:(\d+)", endpoint)
+    if not m:
+        return None, None
+    name, ns, port = m.group(1), m.group(2), int(m.group(3))
+    svc = next((d for d in docs if d.get("kind") == "Service" and d["metadata"]["name"] == name
+                and d["metadata"].get("namespace") == ns), None)
+    if svc is None:
+        return None, None
+    workload = next((w for w in docs if pod_spec(w) is not None and w["metadata"].get("namespace") == ns
+                     and selector_matches(svc["spec"].get("selector"), template_labels(w))), None)
+    svc_port = next((p for p in svc["spec"].get("ports") or [] if p["port"] == port), None)
+    if workload is None or svc_port is None:
+        return None, None
+    target = svc_port.get("targetPort", port)
+    for c in pod_spec(workload).get("containers") or []:
+        for p in c.get("ports") or []:
+            if target in (p.get("name"), p["containerPort"]):
+                return workload, p["containerPort"]
+    return None, None
 
 
 def dockerfile_instructions(path):

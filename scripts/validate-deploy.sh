@@ -111,7 +111,8 @@ if [ "${#dirs[@]}" -eq 0 ]; then
 fi
 # Every deployment variant the README documents is among them (each is then checked alike).
 for required in deploy deploy/base deploy/overlays/allow-unschedulable deploy/overlays/pods-discovery \
-  deploy/overlays/prometheus-operator; do
+  deploy/overlays/prometheus-operator deploy/overlays/pod-scrape deploy/overlays/remote-write \
+  deploy/overlays/network-policy; do
   if printf '%s\n' "${dirs[@]}" | grep -qx "$required"; then
     echo "ok   kustomization $required exists"
     passed=$((passed + 1))

@@ -13,9 +13,10 @@ use crate::config::otel::OtlpHistogram;
 use crate::config::{Config, ConfigError};
 use crate::discovery::{Discovery, Source};
 use crate::incoming::IncomingChecks;
+use crate::liveness::Heartbeat;
 use crate::metrics::{Metrics, Push};
 use crate::probe::{Prober, ProberSettings, Resolver};
-use crate::scheduler::{RoundReport, Scheduler};
+use crate::scheduler::{discovery_wait, RoundReport, Scheduler};
 use crate::server::{router, AppState};
 use crate::targets::Targets;
 use crate::telemetry::ProbeSpans;
@@ -176,6 +177,11 @@ impl Bound {
         let (stop_probing, probing_rx) = watch::channel(false);
         let (stop_serving, serving_rx) = watch::channel(false);
         let draining = Arc::new(AtomicBool::new(false));
+        let heartbeat = Arc::new(Heartbeat::new(
+            self.config.check_interval,
+            self.config.check_timeout,
+            discovery_wait(self.config.check_interval),
+        ));
 
         let scheduler = Scheduler {
             interval: self.config.check_interval,
@@ -188,11 +194,13 @@ impl Bound {
             metrics: self.metrics.clone(),
             spans: self.spans,
             reports: reports_tx,
+            heartbeat: heartbeat.clone(),
         };
         let app = router(Arc::new(AppState {
             hostname: self.pod_name,
             reports: reports.clone(),
             draining: draining.clone(),
+            heartbeat,
             discovery,
             incoming: self.incoming,
             metrics: self.metrics.clone(),
@@ -240,6 +248,12 @@ impl Agent {
         tracing::info!(keep_serving = ?self.config.shutdown_duration, "shutting down: /ready now answers 503");
         tokio::time::sleep(self.config.shutdown_duration).await;
         self.stop().await;
+    }
+
+    /// Stops the rounds and leaves the listeners serving: what a crashed or stuck prober looks
+    /// like from outside (`/livez` turns 503 once the limit passes). [`Self::stop`] ends the rest.
+    pub fn stop_probing(&self) {
+        let _ = self.stop_probing.send(true);
     }
 
     /// Stops rounds and listeners at once (after draining open requests) and flushes.

@@ -2,7 +2,7 @@
 //! OpenTelemetry-native.
 //!
 //! Data flows one way: [`config`] → [`discovery`] → [`selection`] → [`scheduler`] →
-//! [`probe`] → [`metrics`], with [`server`] reading shared state. [`targets`] turns the
+//! [`probe`] → [`metrics`], with [`server`] reading shared state ([`liveness`]: whether rounds still finish). [`targets`] turns the
 //! configuration into what to probe. [`agent`] wires one agent.
 
 pub mod agent;
@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod incoming;
 pub mod kube_client;
 pub mod listener;
+pub mod liveness;
 pub mod metrics;
 pub mod probe;
 pub mod ratelimit;

@@ -47,6 +47,7 @@ pub mod names {
     pub const REQUESTS: &str = "kubenurse_httpclient_requests";
     pub const ERRORS: &str = "kubenurse_errors";
     pub const INCOMING_CHECKS: &str = "kubenurse_neighbourhood_incoming_checks";
+    pub const BUILD_INFO: &str = "kubenurse_build_info";
     pub const ROUND_LATENESS: &str = "kubenurse_round_lateness";
     pub const METRIC_OVERFLOW: &str = "kubenurse_metric_overflow";
     pub const ZONE_REQUEST_DURATION: &str = "kubenurse_zone_request_duration";
@@ -70,7 +71,16 @@ pub enum MetricsError {
     Reader(String),
     #[error("cannot render metrics: {0}")]
     Render(#[from] prometheus::Error),
+    #[error("cannot register the process metrics: {0}")]
+    Process(prometheus::Error),
 }
+
+/// The `revision` label of `kubenurse_build_info`: `KUBENURSE_REVISION` when the binary was
+/// built (the image build passes the commit), `unknown` otherwise.
+pub const REVISION: &str = match option_env!("KUBENURSE_REVISION") {
+    Some(revision) if !revision.is_empty() => revision,
+    _ => "unknown",
+};
 
 /// The agent's instruments, in their current generation, and the shared `/metrics` text.
 pub struct Metrics {
@@ -115,6 +125,7 @@ struct Generation {
     providers: Vec<SdkMeterProvider>,
     registry: prometheus::Registry,
     instruments: Vec<Instruments>,
+    _build_info: Vec<ObservableGauge<u64>>,
     book: Mutex<Book>,
 }
 
@@ -452,6 +463,7 @@ fn retire(old: Arc<Generation>) {
 impl Generation {
     fn new(build: &Build) -> Result<Self, MetricsError> {
         let registry = prometheus::Registry::new();
+        register_process_metrics(&registry)?;
         let prometheus = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .without_target_info()
@@ -486,12 +498,37 @@ impl Generation {
                 i.overflow.add(0, &[KeyValue::new("metric", metric.prometheus_name())]);
             }
         }
-        Ok(Self { providers, registry, instruments, book: Mutex::default() })
+        let build_info = providers.iter().map(|p| build_info(&p.meter("kubenurse"))).collect();
+        Ok(Self { providers, registry, instruments, _build_info: build_info, book: Mutex::default() })
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
         lock(&self.book)
     }
+}
+
+/// The standard `process_*` series (CPU seconds, resident and virtual memory, open and maximum
+/// file descriptors, start time, threads) of the `prometheus` crate's collector, on `/metrics`
+/// only: no well-kept crate offers them as OpenTelemetry instruments.
+#[cfg(target_os = "linux")]
+fn register_process_metrics(registry: &prometheus::Registry) -> Result<(), MetricsError> {
+    let collector = prometheus::process_collector::ProcessCollector::for_self();
+    registry.register(Box::new(collector)).map_err(MetricsError::Process)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn register_process_metrics(_: &prometheus::Registry) -> Result<(), MetricsError> {
+    Ok(())
+}
+
+/// `kubenurse_build_info{version, revision}`, always 1, on both readers: which build runs where.
+fn build_info(meter: &Meter) -> ObservableGauge<u64> {
+    let attributes = [KeyValue::new("version", env!("CARGO_PKG_VERSION")), KeyValue::new("revision", REVISION)];
+    meter
+        .u64_observable_gauge(names::BUILD_INFO)
+        .with_description("the running build: 1, labelled with its version and source revision")
+        .with_callback(move |gauge| gauge.observe(1, &attributes))
+        .build()
 }
 
 /// A rendered text that counts itself among the live ones until its last reference goes.

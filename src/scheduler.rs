@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use crate::discovery::{Discovery, Neighbourhood};
+use crate::liveness::Heartbeat;
 use crate::metrics::Metrics;
 use crate::probe::{FailedPhase, ProbeResult, Prober, Target};
 use crate::ratelimit::FailureStreak;
@@ -55,6 +56,13 @@ pub struct Scheduler {
     /// Slow and failed probes become spans when traces are exported.
     pub spans: Option<Arc<ProbeSpans>>,
     pub reports: watch::Sender<Option<Arc<RoundReport>>>,
+    /// Beats after every round, for `/livez`.
+    pub heartbeat: Arc<Heartbeat>,
+}
+
+/// How long the first round waits at most for discovery, with rounds every `interval`.
+pub fn discovery_wait(interval: Duration) -> Duration {
+    interval.max(Duration::from_secs(5))
 }
 
 impl Scheduler {
@@ -62,7 +70,7 @@ impl Scheduler {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         // The first round waits (a bounded time) for discovery, so it probes real neighbours.
         tokio::select! {
-            _ = self.discovery.wait_synced(self.interval.max(Duration::from_secs(5))) => {}
+            _ = self.discovery.wait_synced(discovery_wait(self.interval)) => {}
             _ = crate::shutdown::stopped(&mut stop) => return,
         }
         let mut ticker = tokio::time::interval(self.interval);
@@ -80,6 +88,7 @@ impl Scheduler {
             let report = self.round(number, lateness, &mut chosen).await;
             failures.record(&report.results, Instant::now());
             self.reports.send_replace(Some(Arc::new(report)));
+            self.heartbeat.beat();
         }
     }
 

@@ -1,4 +1,4 @@
-//! The HTTP endpoints of SPEC §4: `/`, `/alive`, `/alwayshappy`, `/ready`, `/metrics`.
+//! The HTTP endpoints of SPEC §4: `/`, `/alive`, `/alwayshappy`, `/ready`, `/livez`, `/metrics`.
 //!
 //! Handlers only read shared state; the router is testable without a socket. Large answers
 //! are shared, not copied per request: `/metrics` serves one render to concurrent requests,
@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::State;
@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use crate::discovery::{Discovery, Neighbour};
 use crate::incoming::{IncomingChecks, Recorded};
 use crate::listener::RemoteAddr;
+use crate::liveness::Heartbeat;
 use crate::metrics::Metrics;
 use crate::probe::ORIGIN_HEADER;
 use crate::scheduler::RoundReport;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub reports: watch::Receiver<Option<Arc<RoundReport>>>,
     /// Set at the first shutdown signal.
     pub draining: Arc<AtomicBool>,
+    /// When the last round finished, for `/livez`.
+    pub heartbeat: Arc<Heartbeat>,
     pub discovery: Discovery,
     pub incoming: Arc<IncomingChecks>,
     pub metrics: Arc<Metrics>,
@@ -57,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/alive", get(alive))
         .route("/alwayshappy", get(always_happy))
         .route("/ready", get(ready))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics))
         .layer(Extension(Arc::new(RenderedResults::default())))
         .with_state(state)
@@ -79,6 +83,22 @@ async fn ready(State(state): State<Arc<AppState>>) -> StatusCode {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     }
+}
+
+/// 200 while rounds finish; 503 once none has for the heartbeat's limit, whatever the
+/// probes found and whether the agent drains: the liveness probe restarts a stalled prober,
+/// not an agent that reports a broken network or a cordoned node.
+async fn livez(State(state): State<Arc<AppState>>) -> Response {
+    let now = Instant::now();
+    if state.heartbeat.is_alive(now) {
+        return StatusCode::OK.into_response();
+    }
+    let body = format!(
+        "no probe round finished for {} (limit {})\n",
+        humantime::format_duration(Duration::from_secs(state.heartbeat.silent_for(now).as_secs())),
+        humantime::format_duration(state.heartbeat.limit())
+    );
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -77,11 +77,44 @@ struct Collector {
     env: BTreeSet<String>,
     otlp_grpc_port: u16,
     otlp_http_port: u16,
+    metrics_exporters: Vec<String>,
+}
+
+/// The collector's merge of configuration files given as several `--config`: maps merge,
+/// anything else (lists included) is replaced by the later file.
+fn merge_config(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(base), Value::Object(over)) => {
+            for (k, v) in over {
+                match base.get_mut(&k) {
+                    Some(existing) => merge_config(existing, v),
+                    None => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
+
+/// `otel-collector/config.yaml` with the files an overlay adds after it, merged.
+fn collector_config_files(extra: &[&str]) -> Value {
+    let mut config = yaml_doc(&repo().join("otel-collector/config.yaml"));
+    for file in extra {
+        merge_config(&mut config, yaml_doc(&repo().join(file)));
+    }
+    config
 }
 
 /// Checks `otel-collector/config.yaml` for consistency; returns the OTLP receiver ports.
 fn collector_config() -> Collector {
-    let config = yaml_doc(&repo().join("otel-collector/config.yaml"));
+    check_collector(&collector_config_files(&[]), &[])
+}
+
+/// Checks a collector configuration for consistency; components listed in `displaced` may be
+/// defined without a pipeline using them (an overlay's file took their place).
+fn check_collector(config: &Value, displaced: &[&str]) -> Collector {
     let service = config.get("service").expect("service section");
 
     let mut defined: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
@@ -127,7 +160,10 @@ fn collector_config() -> Collector {
         );
     }
     for section in ["receivers", "processors", "exporters", "extensions"] {
-        let unused: Vec<&String> = defined[section].difference(used.entry(section).or_default()).collect();
+        let unused: Vec<&String> = defined[section]
+            .difference(used.entry(section).or_default())
+            .filter(|id| !displaced.contains(&id.as_str()))
+            .collect();
         assert!(unused.is_empty(), "{section} defined but used by no pipeline: {unused:?}");
     }
     let connectors_used = used.get("receivers").into_iter().chain(used.get("exporters")).flatten();
@@ -148,26 +184,45 @@ fn collector_config() -> Collector {
         }
     }
 
-    let otlp_grpc_port = port_of(str_at(&config, "/receivers/otlp/protocols/grpc/endpoint"));
-    let otlp_http_port = port_of(str_at(&config, "/receivers/otlp/protocols/http/endpoint"));
+    let otlp_grpc_port = port_of(str_at(config, "/receivers/otlp/protocols/grpc/endpoint"));
+    let otlp_http_port = port_of(str_at(config, "/receivers/otlp/protocols/http/endpoint"));
     for pipeline in pipelines.values() {
         assert!(strings(pipeline.get("receivers")).iter().any(|r| r == "otlp"), "every pipeline receives OTLP");
     }
     let mut env = BTreeSet::new();
-    env_references(&config, &mut env);
-    Collector { env, otlp_grpc_port, otlp_http_port }
+    env_references(config, &mut env);
+    Collector { env, otlp_grpc_port, otlp_http_port, metrics_exporters: metrics_exporters(config) }
+}
+
+fn metrics_exporters(config: &Value) -> Vec<String> {
+    strings(config.pointer("/service/pipelines/metrics/exporters"))
 }
 
 #[test]
 fn collector_config_is_complete_and_ordered() {
     let collector = collector_config();
     assert_eq!((collector.otlp_grpc_port, collector.otlp_http_port), (4317, 4318));
-    for var in ["PROMETHEUS_REMOTE_WRITE_ENDPOINT", "TRACES_BACKEND_ENDPOINT"] {
-        assert!(collector.env.contains(var), "config.yaml takes {var} from the environment: {:?}", collector.env);
-    }
+    assert_eq!(
+        collector.env,
+        BTreeSet::from(["TRACES_BACKEND_ENDPOINT".to_owned()]),
+        "config.yaml takes the traces backend from the environment, nothing else"
+    );
+    // One metrics path by default: Prometheus scrapes :8889, nothing is remote-written.
+    assert_eq!(collector.metrics_exporters, ["prometheus"]);
+    let port = port_of(str_at(&collector_config_files(&[]), "/exporters/prometheus/endpoint"));
+    assert_eq!(port, 8889);
 }
 
-const CLUSTER_SCOPED: [&str; 3] = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+#[test]
+fn the_remote_write_overlay_replaces_the_scrape_path() {
+    let config = collector_config_files(&["deploy/overlays/remote-write/remote-write.yaml"]);
+    let collector = check_collector(&config, &["prometheus"]);
+    assert_eq!(collector.metrics_exporters, ["prometheusremotewrite"], "one path out: remote-write only");
+    assert!(collector.env.contains("PROMETHEUS_REMOTE_WRITE_ENDPOINT"), "{:?}", collector.env);
+    assert_eq!(strings(config.pointer("/service/pipelines/traces/exporters")), ["otlp"], "traces unchanged");
+}
+
+const CLUSTER_SCOPED: [&str; 4] = ["Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass"];
 
 /// The resources of a kustomization: its `resources` (files, or directories holding a
 /// kustomization, followed recursively), with its `namespace` applied to namespaced kinds.

@@ -134,6 +134,7 @@ async fn own_node_cordoned_or_gone_makes_the_agent_unready() {
 
     c.api.upsert_node(cordoned(node("node-self")));
     assert!(eventually_ready(addr, 503).await, "cordoned own node must make /ready 503");
+    assert_eq!(get(addr, "/livez").await.0, 200, "a restart does not uncordon a node: /livez stays 200");
     c.api.upsert_node(node("node-self"));
     assert!(eventually_ready(addr, 200).await);
     c.api.delete_node("node-self");

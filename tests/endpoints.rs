@@ -258,3 +258,69 @@ async fn the_lean_profile_drops_per_event_series_of_neighbours_only() {
     }
     assert!(series[1] < series[0], "lean has fewer series: {series:?}");
 }
+
+#[tokio::test]
+async fn livez_fails_once_rounds_stop_whatever_the_probes_found() {
+    let target = Target::http("127.0.0.1").await;
+    // Rounds every second, a 2 s deadline: /livez allows 6 s without a finished round.
+    let agent = start(&[
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=1s".into(),
+        "--check-timeout=2s".into(),
+        format!("--extra-checks=bad:{}", target.url("/status/500")),
+    ])
+    .await;
+    wait_round(&agent, 1).await;
+    assert_eq!(get(agent.local_addr, "/alive").await.0, 500, "a failing probe");
+    assert_eq!(get(agent.local_addr, "/livez").await, (200, String::new()), "failing probes need no restart");
+
+    agent.start_draining();
+    let draining_since = agent.reports().borrow().as_ref().map_or(0, |r| r.number);
+    wait_round(&agent, draining_since + 2).await;
+    assert_eq!(get(agent.local_addr, "/ready").await.0, 503);
+    assert_eq!(get(agent.local_addr, "/livez").await.0, 200, "rounds go on while draining");
+
+    // The prober dies, the listeners stay: only /livez tells.
+    agent.stop_probing();
+    let mut livez = (0, String::new());
+    for _ in 0..300 {
+        livez = get(agent.local_addr, "/livez").await;
+        if livez.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(livez.0, 503, "/livez still 200 30 s after the rounds stopped: {}", livez.1);
+    assert!(livez.1.starts_with("no probe round finished for ") && livez.1.contains("(limit 6s)"), "{}", livez.1);
+    assert_eq!(get(agent.local_addr, "/alwayshappy").await.0, 200, "/alwayshappy cannot tell");
+    assert_eq!(get(agent.local_addr, "/alive").await.0, 500, "the last results stay");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_carry_the_process_series_and_the_build() {
+    let agent = start(&["--listen-addr=127.0.0.1:0".into(), "--check-interval=1h".into()]).await;
+    let (status, text) = get(agent.local_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let types: std::collections::BTreeMap<&str, &str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' ')).collect();
+    for (family, kind) in [
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+        ("kubenurse_build_info", "gauge"),
+    ] {
+        assert_eq!(types.get(family), Some(&kind), "{family}: {text}");
+    }
+    for positive in
+        ["process_resident_memory_bytes", "process_open_fds", "process_max_fds", "process_start_time_seconds"]
+    {
+        assert!(metric(&text, positive, &[]).is_some_and(|v| v > 0.0), "{positive}: {text}");
+    }
+    let build = [("version", env!("CARGO_PKG_VERSION")), ("revision", kubenurse::metrics::REVISION)];
+    assert_eq!(metric(&text, "kubenurse_build_info", &build), Some(1.0), "{text}");
+    agent.stop().await;
+}

@@ -70,8 +70,9 @@ async fn sigterm_turns_unready_keeps_serving_then_exits_zero() {
         "/ready did not turn 503"
     );
     // Still serving and probing during the shutdown duration: rounds go on (every 200 ms
-    // for 2 s) until the listener closes.
+    // for 2 s) until the listener closes. Rounds still finish, so the agent is live.
     assert_eq!(get(addr, "/alwayshappy").await.0, 200);
+    assert_eq!(get(addr, "/livez").await.0, 200, "draining is no reason to restart");
     let at_unready = rounds(addr).await.expect("serving after SIGTERM");
     let mut last = at_unready;
     for _ in 0..400 {
