@@ -34,11 +34,11 @@ fn main() {
     let list = (0..nodes)
         .map(|i| StaticNeighbour {
             node: format!("ip-10-{}-{}-{}.eu-west-1.compute.internal", i / 65536, (i / 256) % 256, i % 256),
-            host: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
-            port: 8080,
+            zone: None,
+            addresses: vec![(format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256), 8080)],
         })
         .collect();
-    let discovery = Discovery::start(Source::Static(StaticNeighbours(list)));
+    let discovery = Discovery::start(Source::Static(StaticNeighbours(list), None));
     let targets = Targets::from_config(&Config::from_flags(["--neighbour-limit=10"]).expect("config"));
     let own = "ip-10-0-0-7.eu-west-1.compute.internal";
     let last = discovery.shared_neighbourhood();
@@ -52,14 +52,14 @@ fn main() {
         let hashes: Vec<u64> = neighbours.iter().map(|n| n.node_hash).collect();
         let chosen: Vec<_> = nearest(ring_hash(own), 10, &hashes)
             .into_iter()
-            .filter_map(|i| targets.neighbour(&neighbours[i]))
+            .flat_map(|i| targets.neighbour(&neighbours[i], None))
             .collect();
         assert_eq!(std::hint::black_box(chosen).len(), 10);
     });
     let before = time(runs, || {
         let copy = discovery.neighbourhood();
         let chosen = select(own, 10, copy.neighbours.clone(), |n| n.node_name.as_str());
-        let chosen: Vec<_> = chosen.iter().filter_map(|n| targets.neighbour(n)).collect();
+        let chosen: Vec<_> = chosen.iter().flat_map(|n| targets.neighbour(n, None)).collect();
         assert_eq!(std::hint::black_box(chosen).len(), 10);
     });
     println!("rounds: the neighbourhood's share of a round, {nodes} neighbours, limit 10, {runs} runs (medians)");

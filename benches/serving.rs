@@ -38,7 +38,12 @@ fn synthetic_round() -> Vec<ProbeResult> {
     kinds.extend((0..10).map(|i| {
         (
             format!("path_ip-10-0-{i}-1.eu-west-1.compute.internal"),
-            Some(Peer { node: format!("n{i}"), pod: format!("p{i}") }),
+            Some(Peer {
+                node: format!("n{i}"),
+                pod: format!("p{i}"),
+                source_zone: "zone-a".into(),
+                target_zone: "zone-b".into(),
+            }),
         )
     }));
     let outcomes = [

@@ -18,9 +18,11 @@ fn node(i: u8, port: u16) -> (String, SocketAddr) {
 /// Runs the demo until Ctrl-C (or `args.rounds`); returns the exit status.
 pub async fn run(args: DemoArgs, base: Config) -> i32 {
     let nodes: Vec<(String, SocketAddr)> = (0..args.nodes).map(|i| node(i, args.port)).collect();
+    let zone = |i: usize| (args.zones > 0).then(|| format!("zone-{}", i % usize::from(args.zones) + 1));
     let mut agents = Vec::new();
-    for (name, addr) in &nodes {
+    for (i, (name, addr)) in nodes.iter().enumerate() {
         let mut config = base.clone();
+        config.zone = zone(i);
         config.listen_addr = *addr;
         config.pod_name = Some(name.clone());
         config.node_name = Some(name.clone());
@@ -33,8 +35,13 @@ pub async fn run(args: DemoArgs, base: Config) -> i32 {
         config.neighbours = Some(StaticNeighbours(
             nodes
                 .iter()
-                .filter(|(other, _)| other != name)
-                .map(|(other, a)| StaticNeighbour { node: other.clone(), host: a.ip().to_string(), port: a.port() })
+                .enumerate()
+                .filter(|(_, (other, _))| other != name)
+                .map(|(j, (other, a))| StaticNeighbour {
+                    node: other.clone(),
+                    zone: zone(j),
+                    addresses: vec![(a.ip().to_string(), a.port())],
+                })
                 .collect(),
         ));
         // Bind every listener before any agent starts probing, so round 1 finds its peers.

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
-use opentelemetry::KeyValue;
+use opentelemetry::{Key, KeyValue};
 use opentelemetry_sdk::metrics::{Aggregation, Instrument, InstrumentKind, SdkMeterProvider, Stream};
 use opentelemetry_sdk::Resource;
 use prometheus::{Encoder, TextEncoder};
@@ -49,7 +49,13 @@ pub mod names {
     pub const INCOMING_CHECKS: &str = "kubenurse_neighbourhood_incoming_checks";
     pub const ROUND_LATENESS: &str = "kubenurse_round_lateness";
     pub const METRIC_OVERFLOW: &str = "kubenurse_metric_overflow";
+    pub const ZONE_REQUEST_DURATION: &str = "kubenurse_zone_request_duration";
+    pub const ZONE_REQUESTS: &str = "kubenurse_zone_requests";
+    pub const ZONE_ERRORS: &str = "kubenurse_zone_errors";
 }
+
+/// The resource attribute of the own zone (OpenTelemetry semantic conventions).
+pub const ZONE_ATTRIBUTE: &str = "cloud.availability_zone";
 
 /// Attribute sets the SDK keeps per instrument (its default cardinality limit, see
 /// `opentelemetry_sdk` `DEFAULT_CARDINALITY_LIMIT`); later sets fold into the overflow series.
@@ -86,7 +92,8 @@ pub struct Metrics {
 /// What every generation is built from.
 struct Build {
     buckets: Vec<f64>,
-    resource: Resource,
+    /// Gains the own zone once discovery reads it (see [`Metrics::set_own_zone`]).
+    resource: Mutex<Resource>,
     incoming: Arc<IncomingChecks>,
     push: Option<Push>,
 }
@@ -133,6 +140,9 @@ struct Instruments {
     errors: Counter<u64>,
     round_lateness: Histogram<f64>,
     overflow: Counter<u64>,
+    zone_duration: Histogram<f64>,
+    zone_requests: Counter<u64>,
+    zone_errors: Counter<u64>,
     _incoming: ObservableGauge<u64>,
 }
 
@@ -216,7 +226,7 @@ impl Metrics {
         incoming: Arc<IncomingChecks>,
         push: Option<Push>,
     ) -> Result<Self, MetricsError> {
-        let build = Build { buckets, resource, incoming, push };
+        let build = Build { buckets, resource: Mutex::new(resource), incoming, push };
         let first = Generation::new(&build)?;
         Ok(Self {
             build,
@@ -277,6 +287,37 @@ impl Metrics {
         }
     }
 
+    /// Puts the own zone on the resource as `cloud.availability_zone` when discovery reads it
+    /// (a pod cannot read its node's labels, so it is known only from the agent's endpoint or
+    /// node). A resource cannot change under a meter provider: the first time the zone is
+    /// known, and whenever it changes, every series restarts in a new generation. The first
+    /// round waits for discovery, so normally nothing has been recorded yet.
+    pub fn set_own_zone(&self, zone: Option<&str>) {
+        let Some(zone) = zone else { return };
+        {
+            let mut resource = lock(&self.build.resource);
+            let current = resource.get(&Key::from_static_str(ZONE_ATTRIBUTE));
+            if current.is_some_and(|v| v.as_str() == zone) {
+                return;
+            }
+            let kept = resource.iter().filter(|(k, _)| k.as_str() != ZONE_ATTRIBUTE);
+            let attributes: Vec<KeyValue> = kept.map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect();
+            *resource = Resource::builder_empty()
+                .with_attributes(attributes)
+                .with_attribute(KeyValue::new(ZONE_ATTRIBUTE, zone.to_owned()))
+                .build();
+        }
+        match Generation::new(&self.build) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *lock(&self.current), Arc::new(fresh));
+                self.recorded.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(zone, "own zone known: on the metrics resource as {ZONE_ATTRIBUTE}");
+                retire(old);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot put the own zone on the metrics resource"),
+        }
+    }
+
     /// Records one probe: its events, its duration, its status and, if it failed, the phase.
     pub fn record_probe(&self, result: &ProbeResult) {
         self.recorded.fetch_add(1, Ordering::SeqCst);
@@ -313,6 +354,11 @@ impl Metrics {
         let kind = KeyValue::new("type", result.target.kind.clone());
         let code = KeyValue::new("code", code);
         let error = error.map(|e| KeyValue::new("event", e));
+        // Neighbour probes, in both profiles: a zone × zone view whose size does not grow with
+        // the number of nodes (zones from Kubernetes, not from peers).
+        let zones = result.target.peer.as_ref().map(|p| {
+            [KeyValue::new("source_zone", p.source_zone.clone()), KeyValue::new("target_zone", p.target_zone.clone())]
+        });
         for i in &g.instruments {
             for (event, offset) in events {
                 i.trace_duration.record(offset.as_secs_f64(), &[kind.clone(), KeyValue::new("event", event.label())]);
@@ -326,6 +372,15 @@ impl Metrics {
             }
             for (metric, n) in Tracked::ALL.iter().zip(overflowed).filter(|(_, n)| *n > 0) {
                 i.overflow.add(n, &[KeyValue::new("metric", metric.prometheus_name())]);
+            }
+            if let Some(zones) = &zones {
+                if let Some(duration) = result.response_after {
+                    i.zone_duration.record(duration.as_secs_f64(), zones);
+                }
+                i.zone_requests.add(1, zones);
+                if !result.is_ok() {
+                    i.zone_errors.add(1, zones);
+                }
             }
         }
     }
@@ -403,7 +458,7 @@ impl Generation {
             .scope_info_enabled(false)
             .build()
             .map_err(|e| MetricsError::Reader(e.to_string()))?;
-        let resource = build.resource.clone();
+        let resource = lock(&build.resource).clone();
         let mut main = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(prometheus);
         let mut providers = Vec::new();
         if let Some(push) = &build.push {
@@ -500,6 +555,18 @@ impl Instruments {
                     "measurements beyond a metric's series limit, folded into its otel_metric_overflow series",
                 )
                 .build(),
+            zone_duration: histogram(
+                names::ZONE_REQUEST_DURATION,
+                "duration of neighbour requests, from start to the response headers, by source and target zone",
+            ),
+            zone_requests: meter
+                .u64_counter(names::ZONE_REQUESTS)
+                .with_description("neighbour probes by source and target zone")
+                .build(),
+            zone_errors: meter
+                .u64_counter(names::ZONE_ERRORS)
+                .with_description("failed neighbour probes (no response, or not 200) by source and target zone")
+                .build(),
             _incoming: meter
                 .u64_observable_gauge(names::INCOMING_CHECKS)
                 .with_description("distinct neighbours that probed this agent in the last 60 seconds")
@@ -527,7 +594,12 @@ mod tests {
             kind: kind.to_owned(),
             url: "http://127.0.0.1/alwayshappy".parse().expect("uri"),
             bearer_token: false,
-            peer: node.map(|n| Peer { node: n.to_owned(), pod: format!("kubenurse-{n}") }),
+            peer: node.map(|n| Peer {
+                node: n.to_owned(),
+                pod: format!("kubenurse-{n}"),
+                source_zone: "zone-a".into(),
+                target_zone: if n.ends_with('b') { "zone-b" } else { "zone-a" }.into(),
+            }),
         };
         let mut result = ProbeResult::unobserved(Arc::new(target), crate::probe::FailedPhase::RoundTrip, String::new());
         let events = [Event::ConnectStart, Event::ConnectDone, Event::GotConn, Event::WroteRequest];
@@ -582,6 +654,26 @@ mod tests {
                 metrics.record_probe(&probe(kind, if kind.contains("dead") { 503 } else { 200 }));
             }
         }
+    }
+
+    #[test]
+    fn a_discovered_zone_goes_on_the_resource_once() {
+        let m = metrics();
+        let zone = |m: &Metrics| {
+            let resource = lock(&m.build.resource);
+            resource.get(&Key::from_static_str(ZONE_ATTRIBUTE)).map(|v| v.as_str().into_owned())
+        };
+        let first = m.generation();
+        m.set_own_zone(None);
+        assert!(Arc::ptr_eq(&first, &m.generation()) && zone(&m).is_none(), "nothing known, nothing changes");
+        m.set_own_zone(Some("zone-a"));
+        assert_eq!(zone(&m).as_deref(), Some("zone-a"));
+        let second = m.generation();
+        assert!(!Arc::ptr_eq(&first, &second), "a resource needs a new provider");
+        m.set_own_zone(Some("zone-a"));
+        assert!(Arc::ptr_eq(&second, &m.generation()), "the same zone again changes nothing");
+        m.set_own_zone(Some("zone-b"));
+        assert_eq!(zone(&m).as_deref(), Some("zone-b"));
     }
 
     #[test]

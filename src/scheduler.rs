@@ -88,13 +88,16 @@ impl Scheduler {
         // Asked even with neighbour probes off: the own-node watch behind `/ready` reports its
         // failures here too.
         let neighbourhood = self.discovery.shared_neighbourhood();
-        chosen.update(
+        let changed = chosen.update(
             &neighbourhood,
             self.own_node.as_deref(),
             self.neighbour_limit,
             self.check_neighbourhood,
             &self.targets,
         );
+        if changed {
+            self.metrics.set_own_zone(neighbourhood.own_zone.as_deref());
+        }
         let mut targets = Vec::with_capacity(self.targets.fixed().len() + chosen.targets.len());
         targets.extend_from_slice(self.targets.fixed());
         targets.extend_from_slice(&chosen.targets);
@@ -155,7 +158,8 @@ impl Chosen {
         let neighbours = if enabled { &neighbourhood.neighbours[..] } else { &[] };
         let hashes: Vec<u64> = neighbours.iter().map(|n| n.node_hash).collect();
         let keep = nearest(ring_hash(own_node), limit, &hashes);
-        self.targets = keep.into_iter().filter_map(|i| targets.neighbour(&neighbours[i])).collect();
+        let own_zone = neighbourhood.own_zone.as_deref();
+        self.targets = keep.into_iter().flat_map(|i| targets.neighbour(&neighbours[i], own_zone)).collect();
         self.from = Some(neighbourhood.clone());
         true
     }
@@ -310,11 +314,11 @@ mod tests {
         Neighbour {
             pod_name: format!("kubenurse-{node}"),
             pod_ip: ip.into(),
-            pod_ips: vec![ip.into()],
+            addresses: vec![crate::discovery::Address { ip: ip.into(), port: None }],
             host_ip: String::new(),
             node_name: node.into(),
             node_hash: ring_hash(node),
-            port: None,
+            zone: None,
         }
     }
 
@@ -323,7 +327,7 @@ mod tests {
         let targets =
             Targets::from_config(&crate::config::Config::from_flags(["--neighbour-port=9000"]).expect("config"));
         let hood = |neighbours: Vec<Neighbour>, own: Option<&str>| {
-            Arc::new(Neighbourhood { state: "ok".into(), neighbours, own_node: own.map(str::to_owned) })
+            Arc::new(Neighbourhood { state: "ok".into(), neighbours, own_node: own.map(str::to_owned), own_zone: None })
         };
         let mut list: Vec<Neighbour> =
             (0..50).map(|i| neighbour(&format!("node-{i}"), &format!("10.0.0.{i}"))).collect();
@@ -345,6 +349,7 @@ mod tests {
         // Discovery hands out a new neighbourhood: a chosen neighbour's pod has a new address.
         let moved = list.iter().position(|n| n.node_name == ring[0].node_name).expect("chosen");
         list[moved].pod_ip = "10.0.9.9".into();
+        list[moved].addresses[0].ip = "10.0.9.9".into();
         assert!(chosen.update(&hood(list.clone(), Some("node-self")), None, 10, true, &targets));
         assert_eq!(chosen.targets[0].url.to_string(), "http://10.0.9.9:9000/alwayshappy");
         // A neighbour leaves.

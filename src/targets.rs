@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::config::{bracket, Config};
 use crate::discovery::Neighbour;
-use crate::probe::{Peer, Target};
+use crate::probe::{Peer, Target, UNKNOWN_ZONE};
 
 /// A probe that is not run, and why.
 #[derive(Debug, Clone)]
@@ -73,22 +73,37 @@ impl Targets {
         &self.skipped
     }
 
-    /// The `path_<node>` target of a neighbour; none when its address makes no URL.
-    pub fn neighbour(&self, n: &Neighbour) -> Option<Arc<Target>> {
-        let port = n.port.unwrap_or(self.neighbour_port);
-        let url = format!("{}://{}:{port}/alwayshappy", self.neighbour_scheme, bracket(&n.pod_ip)).parse().ok()?;
-        Some(Arc::new(Target {
-            kind: format!("path_{}", n.node_name),
-            url,
-            bearer_token: false,
-            peer: Some(Peer { node: n.node_name.clone(), pod: n.pod_name.clone() }),
-        }))
+    /// The targets of a neighbour: `path_<node>` on its first address (IPv4 when it has
+    /// both), and `path_<node>_ipv6` on its IPv6 address when it is dual-stack. An address
+    /// that makes no URL is left out.
+    pub fn neighbour(&self, n: &Neighbour, own_zone: Option<&str>) -> Vec<Arc<Target>> {
+        let peer = Peer {
+            node: n.node_name.clone(),
+            pod: n.pod_name.clone(),
+            source_zone: own_zone.unwrap_or(UNKNOWN_ZONE).to_owned(),
+            target_zone: n.zone.as_deref().unwrap_or(UNKNOWN_ZONE).to_owned(),
+        };
+        let mut targets = Vec::with_capacity(n.addresses.len());
+        for (i, address) in n.addresses.iter().enumerate() {
+            let port = address.port.unwrap_or(self.neighbour_port);
+            let url = format!("{}://{}:{port}/alwayshappy", self.neighbour_scheme, bracket(&address.ip));
+            let Ok(url) = url.parse() else { continue };
+            // Node names contain no `_`, so the suffix cannot collide with another node.
+            let kind = match (i, address.is_ipv6()) {
+                (0, _) => format!("path_{}", n.node_name),
+                (_, true) => format!("path_{}_ipv6", n.node_name),
+                (_, false) => continue,
+            };
+            targets.push(Arc::new(Target { kind, url, bearer_token: false, peer: Some(peer.clone()) }));
+        }
+        targets
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::Address;
 
     fn targets(flags: &[&str]) -> Targets {
         Targets::from_config(&Config::from_flags(flags.iter().copied()).expect("config"))
@@ -135,23 +150,55 @@ mod tests {
 
     #[test]
     fn neighbours_are_probed_on_their_pod_ip_with_their_identity() {
-        let neighbour = |ip: &str, port| Neighbour {
+        let neighbour = |ips: &[&str], port| Neighbour {
             pod_name: "kubenurse-a".into(),
-            pod_ip: ip.into(),
-            pod_ips: vec![ip.into()],
+            pod_ip: ips[0].into(),
+            addresses: ips.iter().map(|ip| Address { ip: ip.to_string(), port }).collect(),
             host_ip: "10.0.0.1".into(),
             node_name: "node-a".into(),
             node_hash: 0,
-            port,
+            zone: Some("zone-b".into()),
         };
-        let plain = targets(&[]).neighbour(&neighbour("fd00::7", None)).expect("target");
-        assert_eq!(plain.url.to_string(), "http://[fd00::7]:8080/alwayshappy");
-        assert_eq!(plain.kind, "path_node-a");
-        assert_eq!(plain.peer, Some(Peer { node: "node-a".into(), pod: "kubenurse-a".into() }));
-        assert!(!plain.bearer_token);
+        let plain = targets(&[]).neighbour(&neighbour(&["fd00::7"], None), None);
+        assert_eq!(plain.len(), 1);
+        assert_eq!(plain[0].url.to_string(), "http://[fd00::7]:8080/alwayshappy");
+        assert_eq!(plain[0].kind, "path_node-a", "a single-stack IPv6 neighbour keeps the plain type");
+        let peer = Peer {
+            node: "node-a".into(),
+            pod: "kubenurse-a".into(),
+            source_zone: "unknown".into(),
+            target_zone: "zone-b".into(),
+        };
+        assert_eq!(plain[0].peer, Some(peer));
+        assert!(!plain[0].bearer_token);
         let tls = targets(&["--use-tls=true", "--cert-file=/c", "--cert-key=/k"])
-            .neighbour(&neighbour("10.1.2.3", Some(9443)))
-            .expect("target");
-        assert_eq!(tls.url.to_string(), "https://10.1.2.3:9443/alwayshappy");
+            .neighbour(&neighbour(&["10.1.2.3"], Some(9443)), Some("zone-a"));
+        assert_eq!(tls[0].url.to_string(), "https://10.1.2.3:9443/alwayshappy");
+        assert_eq!(tls[0].peer.as_ref().map(|p| p.source_zone.as_str()), Some("zone-a"));
+    }
+
+    #[test]
+    fn a_dual_stack_neighbour_is_probed_over_both_families() {
+        let n = Neighbour {
+            pod_name: "kubenurse-a".into(),
+            pod_ip: "10.1.2.3".into(),
+            addresses: vec![
+                Address { ip: "10.1.2.3".into(), port: None },
+                Address { ip: "fd00::3".into(), port: Some(18081) },
+            ],
+            host_ip: String::new(),
+            node_name: "node-a".into(),
+            node_hash: 0,
+            zone: None,
+        };
+        let both = targets(&[]).neighbour(&n, None);
+        let shown: Vec<(String, String)> = both.iter().map(|t| (t.kind.clone(), t.url.to_string())).collect();
+        assert_eq!(
+            shown,
+            [
+                ("path_node-a".to_owned(), "http://10.1.2.3:8080/alwayshappy".to_owned()),
+                ("path_node-a_ipv6".to_owned(), "http://[fd00::3]:18081/alwayshappy".to_owned())
+            ]
+        );
     }
 }

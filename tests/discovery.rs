@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::agent::{get, probed_nodes, results, start, wait_report};
+use common::agent::{get, metric, probed_nodes, results, start, wait_metrics, wait_report};
 use common::fake_apiserver::{
-    cordoned, node, not_ready, pod, terminating, with_second_ip, FakeApiServer, Fault, StreamingLists,
+    cordoned, in_zone, node, not_ready, pod, terminating, with_second_ip, FakeApiServer, Fault, StreamingLists,
 };
 use common::targets::Target;
 use kubenurse::agent::Agent;
@@ -573,28 +573,59 @@ async fn neighbours_are_the_endpoints_ready_or_not_minus_terminating_ones_and_co
     c.agent.stop().await;
 }
 
-#[tokio::test]
-async fn dual_stack_slices_probe_the_ipv4_address_and_keep_both() {
-    let c = cluster_with(&[], |api| {
+/// A dual-stack neighbour (`::1` is its IPv6 address) in another zone, and a single-stack one
+/// in the own zone, found through `mode`'s watches.
+async fn dual_stack_and_zones(mode: &[&str]) {
+    let c = cluster_with(mode, |api| {
         assert!(api.delete_pod(NS, "kubenurse-c"));
-        for (name, node_name, ip) in [("kubenurse-a", "node-a", "127.0.0.11"), ("kubenurse-b", "node-b", "127.0.0.12")]
-        {
-            api.upsert_pod(with_second_ip(pod(name, NS, LABELS, node_name, ip, "Running"), "::1"));
+        for (name, zone) in [("node-self", "zone-1"), ("node-a", "zone-2"), ("node-b", "zone-1")] {
+            api.upsert_node(in_zone(node(name), zone));
         }
+        api.upsert_pod(with_second_ip(pod("kubenurse-a", NS, LABELS, "node-a", "127.0.0.11", "Running"), "::1"));
     })
     .await;
-    let report = wait_report(&c.agent, "a and b are probed", |r| {
-        probed_nodes(r) == ["node-a", "node-b"] && results(r).values().all(|v| v == "ok")
+    let port = c.targets[0].addr.port();
+    let ipv6 = Target::http_at(SocketAddr::new("::1".parse().expect("ip"), port)).await;
+    let report = wait_report(&c.agent, "a over both families, and b", |r| {
+        probed_nodes(r) == ["node-a", "node-a_ipv6", "node-b"] && results(r).values().all(|v| v == "ok")
     })
     .await;
-    let families: Vec<String> = c.api.endpoint_slices(NS).into_iter().map(|s| s.address_type).collect();
-    assert!(families.contains(&"IPv4".to_string()) && families.contains(&"IPv6".to_string()), "{families:?}");
     let a = report.neighbourhood.neighbours.iter().find(|n| n.pod_name == "kubenurse-a").expect("a");
-    assert_eq!(a.pod_ip, "127.0.0.11", "the IPv4 address is probed");
-    assert_eq!(a.pod_ips, ["127.0.0.11", "::1"], "both addresses are kept");
-    let hits: usize = c.targets[..2].iter().map(|t| t.hits.load(std::sync::atomic::Ordering::SeqCst)).sum();
-    assert!(hits > 0, "the IPv4 targets answered the probes");
+    assert_eq!(a.pod_ip, "127.0.0.11", "IPv4 is the primary family");
+    assert_eq!(a.zone.as_deref(), Some("zone-2"));
+    assert_eq!(report.neighbourhood.own_zone.as_deref(), Some("zone-1"));
+    let urls: std::collections::BTreeMap<String, String> =
+        report.results.iter().map(|r| (r.target.kind.clone(), r.target.url.to_string())).collect();
+    assert_eq!(urls["path_node-a"], format!("http://127.0.0.11:{port}/alwayshappy"));
+    assert_eq!(urls["path_node-a_ipv6"], format!("http://[::1]:{port}/alwayshappy"));
+    assert!(ipv6.hits.load(std::sync::atomic::Ordering::SeqCst) > 0, "the IPv6 address was probed");
+    assert!(c.targets[0].hits.load(std::sync::atomic::Ordering::SeqCst) > 0, "the IPv4 address was probed");
+
+    let text = wait_metrics(c.agent.local_addr, "zone series", |t| {
+        metric(t, "kubenurse_zone_requests_total", &[("source_zone", "zone-1"), ("target_zone", "zone-2")])
+            .is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    let same = [("source_zone", "zone-1"), ("target_zone", "zone-1")];
+    assert!(metric(&text, "kubenurse_zone_requests_total", &same).is_some_and(|n| n >= 1.0), "{text}");
+    assert!(metric(&text, "kubenurse_zone_request_duration_seconds_count", &same).is_some_and(|n| n >= 1.0));
+    assert!(metric(&text, "kubenurse_zone_errors_total", &same).is_none(), "nothing failed");
+    assert!(
+        metric(&text, "kubenurse_httpclient_requests_total", &[("type", "path_node-a_ipv6"), ("code", "200")])
+            .is_some_and(|n| n >= 1.0),
+        "the second family has its own type"
+    );
     c.agent.stop().await;
+}
+
+#[tokio::test]
+async fn dual_stack_endpoints_are_probed_over_both_families_with_zones_from_slices() {
+    dual_stack_and_zones(&[]).await;
+}
+
+#[tokio::test]
+async fn dual_stack_pods_are_probed_over_both_families_with_zones_from_node_labels() {
+    dual_stack_and_zones(&[PODS_MODE]).await;
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::agent::{get, start, wait_round};
+use common::agent::{get, metric, start, wait_round};
 use common::otlp::OtlpReceiver;
 use common::targets::{refused_addr, Target};
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
@@ -153,6 +153,9 @@ async fn grpc_push_carries_names_units_labels_buckets_and_resource() {
         "--otlp-headers=authorization=Bearer%20s3cret,x-scope-orgid=platform".into(),
         "--otlp-metric-export-interval=300".into(),
         "--otel-resource-attributes=k8s.cluster.name=prod-eu,deployment.environment=prod".into(),
+        // Two neighbours in another zone, one answering and one refusing: the zone series.
+        format!("--neighbours=node-b@zone-b={},node-c@zone-b=127.0.0.1:1", target.addr),
+        "--zone=zone-a".into(),
     ])
     .await;
     receiver
@@ -173,6 +176,7 @@ async fn grpc_push_carries_names_units_labels_buckets_and_resource() {
         ("k8s.namespace.name", "kube-system"),
         ("k8s.cluster.name", "prod-eu"),
         ("deployment.environment", "prod"),
+        ("cloud.availability_zone", "zone-a"),
     ] {
         assert_eq!(resource.get(k).map(String::as_str), Some(v), "resource {k}: {resource:?}");
     }
@@ -213,9 +217,16 @@ async fn grpc_push_carries_names_units_labels_buckets_and_resource() {
         "kubenurse_errors_total",
         "kubenurse_neighbourhood_incoming_checks",
         "kubenurse_metric_overflow_total",
+        "kubenurse_zone_request_duration_seconds",
+        "kubenurse_zone_requests_total",
+        "kubenurse_zone_errors_total",
     ] {
         assert!(families(&latest).contains_key(name), "{name} after translation");
     }
+    let zones = vec!["source_zone".to_owned(), "target_zone".to_owned()];
+    assert!(families(&latest)["kubenurse_zone_errors_total"].0.contains(&zones), "{:?}", families(&latest));
+    let errors = [("source_zone", "zone-a"), ("target_zone", "zone-b")];
+    assert!(metric(&text, "kubenurse_zone_errors_total", &errors).is_some_and(|n| n >= 1.0), "{text}");
     agent.stop().await;
 }
 
@@ -284,7 +295,8 @@ async fn slow_and_failed_probes_become_spans_and_fast_ones_do_not() {
         "--listen-addr=127.0.0.1:0".into(),
         "--check-interval=300ms".into(),
         "--slow-threshold=150ms".into(),
-        format!("--neighbours=node-gone={gone}"),
+        format!("--neighbours=node-gone@zone-b={gone}"),
+        "--zone=zone-a".into(),
         format!(
             "--extra-checks=fast:{}|slow:http://localhost:{}/delay/400|refused:http://{refused}/ok",
             target.url("/ok"),
@@ -355,6 +367,9 @@ async fn slow_and_failed_probes_become_spans_and_fast_ones_do_not() {
     let attrs = string_attrs(&path.attributes);
     assert_eq!(attrs["kubenurse.peer.node"], "node-gone");
     assert_eq!(attrs["kubenurse.probe.type"], "path_node-gone");
+    assert_eq!(attrs["kubenurse.source.zone"], "zone-a");
+    assert_eq!(attrs["kubenurse.peer.zone"], "zone-b");
+    assert_eq!(resource["cloud.availability_zone"], "zone-a");
     assert!(span_names(&receiver).iter().all(|n| !n.contains("node-gone")), "a node in a span name");
 
     // Five rounds of the same failure: one span per target, not one per round.

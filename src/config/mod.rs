@@ -56,6 +56,9 @@ pub struct DemoArgs {
     /// Stop after this many rounds (0 = until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     pub rounds: u64,
+    /// Spread the agents over this many zones (`zone-1`…), round robin; 0 = zones unknown.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=50))]
+    pub zones: u8,
 }
 
 /// Where neighbours come from (`KUBENURSE_DISCOVERY`).
@@ -196,9 +199,14 @@ pub struct Config {
     /// A probe slower than this (or failed) is exported as a span.
     #[arg(long, env = "KUBENURSE_SLOW_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
     pub slow_threshold: Duration,
-    /// Static neighbours `node=host:port,…`, used instead of the Kubernetes API.
+    /// Static neighbours `node[@zone]=host:port[+host:port],…` (a second address of the other
+    /// family makes the node dual-stack), used instead of the Kubernetes API.
     #[arg(long, env = "KUBENURSE_NEIGHBOURS", value_parser = parse_static_neighbours)]
     pub neighbours: Option<StaticNeighbours>,
+    /// This agent's availability zone [default: its endpoint's `zone`, or its node's
+    /// `topology.kubernetes.io/zone` label in pods mode].
+    #[arg(long, env = "KUBENURSE_ZONE", value_parser = parse_zone)]
+    pub zone: Option<String>,
     /// Kubeconfig to use when not running in a pod (only when set explicitly).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -257,8 +265,9 @@ pub struct Buckets(pub Vec<f64>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticNeighbour {
     pub node: String,
-    pub host: String,
-    pub port: u16,
+    pub zone: Option<String>,
+    /// `host:port` of the agent, one per address family (never empty).
+    pub addresses: Vec<(String, u16)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -582,20 +591,52 @@ fn parse_url(s: &str) -> Result<String, String> {
 fn parse_static_neighbours(s: &str) -> Result<StaticNeighbours, String> {
     let mut neighbours: Vec<StaticNeighbour> = Vec::new();
     for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (node, addr) = entry.split_once('=').ok_or_else(|| format!("entry {entry:?} is not node=host:port"))?;
+        let (name, addrs) =
+            entry.split_once('=').ok_or_else(|| format!("entry {entry:?} is not node[@zone]=host:port[+host:port]"))?;
+        let (node, zone) = match name.split_once('@') {
+            Some((node, zone)) => (node, Some(zone)),
+            None => (name, None),
+        };
         check_name("node", node).map_err(|_| format!("{node:?} is not a node name"))?;
-        let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("{addr:?} has no :port"))?;
-        let port: u16 = port.parse().map_err(|_| format!("{addr:?}: port is not a number from 1 to 65535"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || port == 0 || format!("http://{}/", bracket(host)).parse::<http::Uri>().is_err() {
-            return Err(format!("{addr:?} is not host:port"));
+        if let Some(zone) = zone {
+            check_zone(zone)?;
+        }
+        let mut addresses = Vec::new();
+        for addr in addrs.split('+') {
+            let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("{addr:?} has no :port"))?;
+            let port: u16 = port.parse().map_err(|_| format!("{addr:?}: port is not a number from 1 to 65535"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() || port == 0 || format!("http://{}/", bracket(host)).parse::<http::Uri>().is_err() {
+                return Err(format!("{addr:?} is not host:port"));
+            }
+            addresses.push((host.to_owned(), port));
+        }
+        let families: Vec<bool> = addresses.iter().map(|(h, _)| h.contains(':')).collect();
+        if addresses.len() > 2 || (addresses.len() == 2 && families[0] == families[1]) {
+            return Err(format!("{addrs:?}: at most one address per family (IPv4+IPv6)"));
         }
         if neighbours.iter().any(|n| n.node == node) {
             return Err(format!("node {node:?} appears twice"));
         }
-        neighbours.push(StaticNeighbour { node: node.to_owned(), host: host.to_owned(), port });
+        neighbours.push(StaticNeighbour { node: node.to_owned(), zone: zone.map(str::to_owned), addresses });
     }
     Ok(StaticNeighbours(neighbours))
+}
+
+/// A zone name is a Kubernetes label value: at most 63 characters, alphanumerics with `-`,
+/// `_` or `.` inside.
+fn check_zone(zone: &str) -> Result<(), String> {
+    let inner_ok = zone.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ends_ok =
+        zone.starts_with(|c: char| c.is_ascii_alphanumeric()) && zone.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if zone.is_empty() || zone.len() > 63 || !inner_ok || !ends_ok {
+        return Err(format!("{zone:?} is not a zone name (a label value: up to 63 letters, digits, '-', '_', '.')"));
+    }
+    Ok(())
+}
+
+fn parse_zone(s: &str) -> Result<String, String> {
+    check_zone(s).map(|()| s.to_owned())
 }
 
 /// `ip[:port]` entries separated by commas; the port defaults to 53. IPv6 with a port is
@@ -677,7 +718,16 @@ mod tests {
         assert_eq!(c.extra_checks().len(), 2);
         assert_eq!(c.extra_checks()[0].url, "https://example.test/healthz");
         let n = c.neighbours.expect("neighbours").0;
-        assert_eq!(n[1], StaticNeighbour { node: "node-b".into(), host: "::1".into(), port: 9090 });
+        assert_eq!(n[1], StaticNeighbour { node: "node-b".into(), zone: None, addresses: vec![("::1".into(), 9090)] });
+        let dual =
+            parse(&["--neighbours=node-a@eu-west-1a=127.0.0.2:8080+[::1]:18081", "--zone=eu-west-1b"]).expect("valid");
+        assert_eq!(dual.zone.as_deref(), Some("eu-west-1b"));
+        let expected = StaticNeighbour {
+            node: "node-a".into(),
+            zone: Some("eu-west-1a".into()),
+            addresses: vec![("127.0.0.2".into(), 8080), ("::1".into(), 18081)],
+        };
+        assert_eq!(dual.neighbours.expect("neighbours").0, [expected]);
         assert!(c.insecure);
     }
 
@@ -707,6 +757,12 @@ mod tests {
             (&["--use-tls=maybe"], "KUBENURSE_USE_TLS"),
             (&["--neighbours=node-a"], "KUBENURSE_NEIGHBOURS"),
             (&["--neighbours=node-a=127.0.0.1:0"], "KUBENURSE_NEIGHBOURS"),
+            (&["--neighbours=node-a=127.0.0.2:80+127.0.0.3:80"], "KUBENURSE_NEIGHBOURS"),
+            (&["--neighbours=node-a=127.0.0.2:80+[::1]:80+[::1]:81"], "KUBENURSE_NEIGHBOURS"),
+            (&["--neighbours=node-a@=127.0.0.2:80"], "KUBENURSE_NEIGHBOURS"),
+            (&["--neighbours=node-a@zone a=127.0.0.2:80"], "KUBENURSE_NEIGHBOURS"),
+            (&["--zone=-zone"], "KUBENURSE_ZONE"),
+            (&["--zone=zone/1"], "KUBENURSE_ZONE"),
             (&["--extra-ca=/nonexistent/ca.pem"], "KUBENURSE_EXTRA_CA"),
             (&["--kubernetes-service-port=https"], "KUBERNETES_SERVICE_PORT"),
             (&["--pod-name=Bad_Name"], "KUBENURSE_POD_NAME"),

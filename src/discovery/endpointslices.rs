@@ -31,6 +31,8 @@ pub(super) struct Endpoint {
     pub ready: bool,
     /// `conditions.terminating`; absent means false.
     pub terminating: bool,
+    /// The node's availability zone.
+    pub zone: Option<String>,
 }
 
 /// An agent pod as the slices describe it, its endpoints of both families merged.
@@ -41,6 +43,7 @@ pub(super) struct SlicePod {
     pub pod_ips: Vec<String>,
     pub ready: bool,
     pub terminating: bool,
+    pub zone: Option<String>,
 }
 
 impl SlicePod {
@@ -53,6 +56,7 @@ impl SlicePod {
             eligible: !self.terminating && !self.pod_ips.is_empty(),
             ready: self.ready,
             created: None,
+            zone: self.zone.as_deref(),
         }
     }
 }
@@ -67,6 +71,9 @@ pub(super) fn agent_pods(slices: &HashMap<String, Vec<Endpoint>>) -> HashMap<Str
         let pod = pods.entry(e.pod.clone()).or_insert_with(|| SlicePod { ready: true, ..SlicePod::default() });
         if pod.node.is_empty() {
             pod.node.clone_from(&e.node);
+        }
+        if pod.zone.is_none() {
+            pod.zone.clone_from(&e.zone);
         }
         if !pod.pod_ips.contains(&e.address) {
             pod.pod_ips.push(e.address.clone());
@@ -96,6 +103,7 @@ struct SlimEndpoint {
     #[serde(default)]
     conditions: Option<SlimConditions>,
     node_name: Option<String>,
+    zone: Option<String>,
     target_ref: Option<SlimTargetRef>,
 }
 
@@ -149,6 +157,7 @@ fn endpoint(e: SlimEndpoint, ipv6: bool) -> Option<Endpoint> {
         node: e.node_name.unwrap_or_default(),
         ready: conditions.ready.unwrap_or(true),
         terminating: conditions.terminating.unwrap_or(false),
+        zone: e.zone.filter(|z| !z.is_empty()),
     })
 }
 
@@ -200,6 +209,7 @@ mod tests {
                 node: "node-a".into(),
                 ready: true,
                 terminating: false,
+                zone: Some("z1".into()),
             },
             Endpoint {
                 pod: "b".into(),
@@ -208,6 +218,7 @@ mod tests {
                 node: "node-b".into(),
                 ready: false,
                 terminating: true,
+                zone: Some("z1".into()),
             },
         ];
         assert_eq!(endpoints, expected, "endpoints without a pod are not agents");

@@ -52,17 +52,42 @@ pub struct Neighbour {
     /// The address probed.
     #[serde(rename = "PodIP")]
     pub pod_ip: String,
-    /// Every address of the pod, one per family, the probed one first.
+    /// Every address of the agent, one per family, IPv4 first: the first is `pod_ip`.
     #[serde(skip)]
-    pub pod_ips: Vec<String>,
+    pub addresses: Vec<Address>,
     /// The node's address; empty with EndpointSlices, which do not carry it.
     #[serde(rename = "HostIP")]
     pub host_ip: String,
     pub node_name: String,
     pub node_hash: u64,
-    /// Port the neighbour's agent listens on, when it differs from the configured one.
-    #[serde(skip)]
+    /// The node's availability zone, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+/// One address a neighbour's agent listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub ip: String,
+    /// The port, when it differs from the configured one (static neighbours).
     pub port: Option<u16>,
+}
+
+impl Address {
+    /// The addresses of `ips` on the configured port, IPv4 first, one per family.
+    pub fn of_pod(ips: &[String]) -> Vec<Address> {
+        let mut addresses: Vec<Address> = Vec::with_capacity(2);
+        let v4 = ips.iter().find(|ip| !ip.contains(':'));
+        let v6 = ips.iter().find(|ip| ip.contains(':'));
+        for ip in v4.into_iter().chain(v6) {
+            addresses.push(Address { ip: ip.clone(), port: None });
+        }
+        addresses
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.ip.contains(':')
+    }
 }
 
 /// The neighbours eligible for probing, before selection.
@@ -73,13 +98,15 @@ pub struct Neighbourhood {
     pub neighbours: Vec<Neighbour>,
     /// This agent's node, when known.
     pub own_node: Option<String>,
+    /// This agent's availability zone: `KUBENURSE_ZONE`, else what discovery read.
+    pub own_zone: Option<String>,
 }
 
 /// Where neighbours come from.
 pub enum Source {
     /// Neighbour probes are off, or there is no way to find neighbours.
     None,
-    Static(StaticNeighbours),
+    Static(StaticNeighbours, Option<String>),
     Kubernetes(Box<KubeSettings>),
 }
 
@@ -97,6 +124,8 @@ pub struct KubeSettings {
     pub service_namespace: String,
     pub own_pod: String,
     pub own_node: Option<String>,
+    /// `KUBENURSE_ZONE`: wins over what discovery reads.
+    pub own_zone: Option<String>,
     pub allow_unschedulable: bool,
     /// Watch the agent pods for neighbours; when false only the own node is watched, for `/ready`.
     pub neighbourhood: bool,
@@ -115,7 +144,7 @@ impl Source {
     /// cordon check of `/ready`) unless `KUBENURSE_ALLOW_UNSCHEDULABLE` says nodes are not read.
     pub fn from_config(config: &Config, kube: Option<Kube>, own_pod: &str, namespace: Option<String>) -> Self {
         if let (true, Some(list)) = (config.check_neighbourhood, &config.neighbours) {
-            return Source::Static(list.clone());
+            return Source::Static(list.clone(), config.zone.clone());
         }
         let Some(kube) = kube else {
             if config.check_neighbourhood {
@@ -136,6 +165,7 @@ impl Source {
             service_namespace: kube.namespace,
             own_pod: own_pod.to_owned(),
             own_node: config.node_name.clone(),
+            own_zone: config.zone.clone(),
             allow_unschedulable: config.allow_unschedulable,
             neighbourhood: config.check_neighbourhood,
             backoff_base: config.discovery_backoff_base,
@@ -222,17 +252,18 @@ enum Mode {
 impl Discovery {
     /// Starts discovery; Kubernetes watches run on spawned tasks until the process ends.
     pub fn start(source: Source) -> Self {
-        let fixed = |state: &str, neighbours| {
-            let neighbourhood = Neighbourhood { state: state.into(), neighbours, own_node: None };
+        let fixed = |state: &str, neighbours, own_zone| {
+            let neighbourhood = Neighbourhood { state: state.into(), neighbours, own_node: None, own_zone };
             Mode::Fixed(Arc::new(neighbourhood))
         };
         let (mode, kube) = match source {
-            Source::None => (fixed("skipped", Vec::new()), None),
-            Source::Static(list) => (fixed("ok", static_list::neighbours(&list)), None),
+            Source::None => (fixed("skipped", Vec::new(), None), None),
+            Source::Static(list, zone) => (fixed("ok", static_list::neighbours(&list), zone), None),
             Source::Kubernetes(k) => {
                 let mode = KubeMode {
                     own_pod: k.own_pod.clone(),
                     own_node: k.own_node.clone(),
+                    own_zone: k.own_zone.clone(),
                     pods_namespace: k.namespace.clone(),
                     label_selector: k.label_selector.clone(),
                     service: k.service.clone(),
@@ -496,7 +527,7 @@ mod tests {
     #[tokio::test]
     async fn the_shared_neighbourhood_stays_the_same_until_a_change() {
         let list = crate::config::Config::from_flags(["--neighbours=node-a=127.0.0.2:8080"]).expect("config");
-        let discovery = Discovery::start(Source::Static(list.neighbours.expect("neighbours")));
+        let discovery = Discovery::start(Source::Static(list.neighbours.expect("neighbours"), None));
         let first = discovery.shared_neighbourhood();
         assert!(Arc::ptr_eq(&first, &discovery.shared_neighbourhood()));
         assert_eq!(discovery.neighbourhood().neighbours[0].node_name, "node-a");

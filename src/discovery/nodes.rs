@@ -49,11 +49,22 @@ struct SlimTaint {
     effect: String,
 }
 
-impl Watched for SlimNode {
-    /// Whether pods may be scheduled there: not cordoned, no unschedulable taint.
-    type Info = bool;
+/// The label that names a node's availability zone.
+pub(super) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-    fn keep(self) -> Option<(String, bool)> {
+/// What the node watch keeps of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct NodeInfo {
+    /// Pods may be scheduled there: not cordoned, no unschedulable taint.
+    pub schedulable: bool,
+    /// The `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+impl Watched for SlimNode {
+    type Info = NodeInfo;
+
+    fn keep(self) -> Option<(String, NodeInfo)> {
         let cordoned = self.spec.unschedulable == Some(true);
         let tainted = self
             .spec
@@ -61,10 +72,11 @@ impl Watched for SlimNode {
             .iter()
             .flatten()
             .any(|t| t.key == "node.kubernetes.io/unschedulable" && t.effect == "NoSchedule");
-        Some((self.metadata.name?, !cordoned && !tainted))
+        let zone = self.metadata.labels.and_then(|mut labels| labels.remove(ZONE_LABEL)).filter(|z| !z.is_empty());
+        Some((self.metadata.name?, NodeInfo { schedulable: !cordoned && !tainted, zone }))
     }
 
-    fn collection(store: &mut Store) -> &mut Collection<bool> {
+    fn collection(store: &mut Store) -> &mut Collection<NodeInfo> {
         &mut store.nodes
     }
 }
@@ -87,7 +99,7 @@ mod tests {
         let parse = |spec: serde_json::Value| {
             let node: SlimNode =
                 serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}, "spec": spec})).expect("node");
-            node.keep().expect("named").1
+            node.keep().expect("named").1.schedulable
         };
         assert!(parse(serde_json::json!({})));
         assert!(!parse(serde_json::json!({"unschedulable": true})));
@@ -98,5 +110,15 @@ mod tests {
             serde_json::json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "PreferNoSchedule"}]})
         ));
         assert!(parse(serde_json::json!({"taints": [{"key": "dedicated", "effect": "NoSchedule"}]})));
+    }
+
+    #[test]
+    fn the_zone_is_the_topology_label() {
+        let node: SlimNode = serde_json::from_value(serde_json::json!({"metadata": {"name": "n",
+            "labels": {"topology.kubernetes.io/zone": "eu-west-1a", "kubernetes.io/hostname": "n"}}}))
+        .expect("node");
+        assert_eq!(node.keep().expect("named").1.zone.as_deref(), Some("eu-west-1a"));
+        let bare: SlimNode = serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}})).expect("node");
+        assert_eq!(bare.keep().expect("named").1.zone, None);
     }
 }

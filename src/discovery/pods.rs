@@ -33,6 +33,8 @@ impl PodInfo {
             eligible: self.running && !self.deleting && !self.pod_ips.is_empty(),
             ready: self.ready,
             created: self.created.as_ref(),
+            // Pods do not carry it: the node watch does.
+            zone: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Static neighbours (`KUBENURSE_NEIGHBOURS`): a fixed list of nodes and the `host:port` each
 //! agent listens on, used instead of the Kubernetes API (outside a cluster, the demo, tests).
 
-use super::Neighbour;
+use super::{Address, Neighbour};
 use crate::config::StaticNeighbours;
 use crate::selection::ring_hash;
 
@@ -9,14 +9,20 @@ use crate::selection::ring_hash;
 pub(super) fn neighbours(list: &StaticNeighbours) -> Vec<Neighbour> {
     list.0
         .iter()
-        .map(|n| Neighbour {
-            pod_name: n.node.clone(),
-            pod_ip: n.host.clone(),
-            pod_ips: vec![n.host.clone()],
-            host_ip: n.host.clone(),
-            node_name: n.node.clone(),
-            node_hash: ring_hash(&n.node),
-            port: Some(n.port),
+        .map(|n| {
+            let mut addresses: Vec<Address> =
+                n.addresses.iter().map(|(host, port)| Address { ip: host.clone(), port: Some(*port) }).collect();
+            // IPv4 first, as discovery orders pod addresses.
+            addresses.sort_by_key(Address::is_ipv6);
+            Neighbour {
+                pod_name: n.node.clone(),
+                pod_ip: addresses[0].ip.clone(),
+                host_ip: addresses[0].ip.clone(),
+                addresses,
+                node_name: n.node.clone(),
+                node_hash: ring_hash(&n.node),
+                zone: n.zone.clone(),
+            }
         })
         .collect()
 }

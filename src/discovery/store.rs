@@ -10,9 +10,9 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::endpointslices::{self, Endpoint};
-use super::nodes::NodeView;
+use super::nodes::{NodeInfo, NodeView};
 use super::pods::PodInfo;
-use super::{Neighbour, Neighbourhood};
+use super::{Address, Neighbour, Neighbourhood};
 use crate::selection::ring_hash;
 
 /// One watched resource: the objects by name and how its watch is doing.
@@ -67,6 +67,8 @@ pub(super) struct AgentPod<'a> {
     pub eligible: bool,
     pub ready: bool,
     pub created: Option<&'a Time>,
+    /// Its node's zone, where the source carries it (EndpointSlices).
+    pub zone: Option<&'a str>,
 }
 
 /// The watches' copy of the cluster.
@@ -76,8 +78,7 @@ pub(super) struct Store {
     pub pods: Collection<PodInfo>,
     /// Slice name → its pod endpoints.
     pub slices: Collection<Vec<Endpoint>>,
-    /// Node name → schedulable.
-    pub nodes: Collection<bool>,
+    pub nodes: Collection<NodeInfo>,
     pub node_view: NodeView,
     /// Why the pods are read although EndpointSlices were asked for.
     pub fallback: Option<String>,
@@ -100,6 +101,8 @@ struct Derived {
 pub(super) struct KubeMode {
     pub own_pod: String,
     pub own_node: Option<String>,
+    /// `KUBENURSE_ZONE`, which wins over what the watches say.
+    pub own_zone: Option<String>,
     /// Where the agent pods are read from in pods mode.
     pub pods_namespace: String,
     pub label_selector: String,
@@ -157,9 +160,28 @@ impl Store {
 
     fn schedulable(&self, node: &str) -> bool {
         match self.nodes.objects.get(node) {
-            Some(schedulable) => *schedulable,
+            Some(info) => info.schedulable,
             None => self.node_view == NodeView::Cordoned,
         }
+    }
+
+    /// The zone of `node` as the node watch saw it (pods mode lists every node).
+    fn node_zone(&self, node: &str) -> Option<&str> {
+        self.nodes.objects.get(node).and_then(|info| info.zone.as_deref())
+    }
+
+    /// The own zone: configured, else the own endpoint's, else the own node's label.
+    fn own_zone(&self, m: &KubeMode, own_node: Option<&str>) -> Option<String> {
+        if m.own_zone.is_some() {
+            return m.own_zone.clone();
+        }
+        let endpoint = match self.agents {
+            Agents::EndpointSlices => {
+                self.slices.objects.values().flatten().find(|e| e.pod == m.own_pod).and_then(|e| e.zone.as_deref())
+            }
+            Agents::Pods => None,
+        };
+        endpoint.or_else(|| own_node.and_then(|n| self.node_zone(n))).map(str::to_owned)
     }
 
     /// Says once, when a list of the agent pods shows it, that the own node cannot be known.
@@ -218,7 +240,8 @@ impl Store {
             (true, false) => "skipped".to_owned(),
         };
         let neighbours = if m.neighbourhood { neighbours } else { Vec::new() };
-        Derived { neighbourhood: Arc::new(Neighbourhood { state, neighbours, own_node }), known }
+        let own_zone = self.own_zone(m, own_node.as_deref());
+        Derived { neighbourhood: Arc::new(Neighbourhood { state, neighbours, own_node, own_zone }), known }
     }
 
     /// The agent pods that may be probed, one per node, and the names of all agent pods.
@@ -247,14 +270,17 @@ impl Store {
         }
         let mut neighbours: Vec<Neighbour> = per_node
             .into_values()
-            .map(|(name, pod)| Neighbour {
-                pod_name: name.clone(),
-                pod_ip: pod.pod_ips.first().cloned().unwrap_or_default(),
-                pod_ips: pod.pod_ips.to_vec(),
-                host_ip: pod.host_ip.to_owned(),
-                node_name: pod.node.to_owned(),
-                node_hash: ring_hash(pod.node),
-                port: None,
+            .map(|(name, pod)| {
+                let addresses = Address::of_pod(pod.pod_ips);
+                Neighbour {
+                    pod_name: name.clone(),
+                    pod_ip: addresses.first().map(|a| a.ip.clone()).unwrap_or_default(),
+                    addresses,
+                    host_ip: pod.host_ip.to_owned(),
+                    node_name: pod.node.to_owned(),
+                    node_hash: ring_hash(pod.node),
+                    zone: pod.zone.or_else(|| self.node_zone(pod.node)).map(str::to_owned),
+                }
             })
             .collect();
         neighbours.sort_by(|a, b| a.pod_name.cmp(&b.pod_name));
@@ -297,6 +323,7 @@ mod tests {
         KubeMode {
             own_pod: "self".into(),
             own_node: None,
+            own_zone: None,
             pods_namespace: "kubenurse".into(),
             label_selector: "app=kubenurse".into(),
             service: "kubenurse".into(),
@@ -326,7 +353,8 @@ mod tests {
         store.pods.objects = pods.iter().map(|(n, p)| (n.to_string(), p.clone())).collect();
         store.nodes.watched = true;
         store.nodes.synced = true;
-        store.nodes.objects = [("node-a".to_owned(), true), ("node-b".to_owned(), true)].into();
+        let zone = |z: &str| NodeInfo { schedulable: true, zone: Some(z.to_owned()) };
+        store.nodes.objects = [("node-a".to_owned(), zone("z-a")), ("node-b".to_owned(), zone("z-b"))].into();
         store
     }
 
@@ -369,7 +397,8 @@ mod tests {
     fn endpoint(pod: &str, node: &str, address: &str, ready: bool, terminating: bool) -> Endpoint {
         let ipv6 = address.contains(':');
         let (pod, node, address) = (pod.into(), node.into(), address.into());
-        Endpoint { pod, address, ipv6, node, ready, terminating }
+        let zone = Some(format!("z-{pod}"));
+        Endpoint { pod, address, ipv6, node, ready, terminating, zone }
     }
 
     fn slices_store(slices: &[(&str, Vec<Endpoint>)], cordoned: &[&str]) -> Store {
@@ -379,7 +408,8 @@ mod tests {
         store.slices.objects = slices.iter().map(|(n, e)| (n.to_string(), e.clone())).collect();
         store.nodes.watched = true;
         store.nodes.synced = true;
-        store.nodes.objects = cordoned.iter().map(|n| (n.to_string(), false)).collect();
+        let cordoned_node = NodeInfo { schedulable: false, zone: None };
+        store.nodes.objects = cordoned.iter().map(|n| (n.to_string(), cordoned_node.clone())).collect();
         store
     }
 
@@ -419,6 +449,31 @@ mod tests {
         let n = s.neighbourhood(&mode());
         assert_eq!(n.neighbours.len(), 1);
         assert_eq!(n.neighbours[0].pod_ip, "10.0.0.2");
-        assert_eq!(n.neighbours[0].pod_ips, ["10.0.0.2", "fd00::2"]);
+        let ips: Vec<&str> = n.neighbours[0].addresses.iter().map(|a| a.ip.as_str()).collect();
+        assert_eq!(ips, ["10.0.0.2", "fd00::2"]);
+    }
+
+    #[test]
+    fn zones_come_from_endpoints_or_from_nodes_and_the_configured_one_wins() {
+        let slices = [(
+            "s",
+            vec![
+                endpoint("self", "node-self", "10.0.0.1", true, false),
+                endpoint("a", "node-a", "10.0.0.2", true, false),
+            ],
+        )];
+        let mut s = slices_store(&slices, &[]);
+        let n = s.neighbourhood(&mode());
+        assert_eq!(n.own_zone.as_deref(), Some("z-self"), "the own endpoint's zone");
+        assert_eq!(n.neighbours[0].zone.as_deref(), Some("z-a"));
+        let configured = KubeMode { own_zone: Some("z-configured".into()), ..mode() };
+        s.changed();
+        assert_eq!(s.neighbourhood(&configured).own_zone.as_deref(), Some("z-configured"));
+
+        // Pods mode: the node watch lists every node, with its zone label.
+        let mut pods = store(&[("self", pod("node-a", true, 1)), ("b", pod("node-b", true, 1))]);
+        let n = pods.neighbourhood(&mode());
+        assert_eq!(n.own_zone.as_deref(), Some("z-a"), "the own node's label");
+        assert_eq!(n.neighbours[0].zone.as_deref(), Some("z-b"));
     }
 }

@@ -33,7 +33,7 @@ use pool::Pool;
 use recorder::Recorder;
 
 pub use exchange::ORIGIN_HEADER;
-pub use model::{Event, FailedPhase, Outcome, Peer, ProbeResult, Target};
+pub use model::{Event, FailedPhase, Outcome, Peer, ProbeResult, Target, UNKNOWN_ZONE};
 pub use resolve::{LookupError, Resolver, ResolverError};
 
 /// Settings of the probe client.

@@ -84,11 +84,17 @@ impl FailedPhase {
     }
 }
 
+/// The zone label value when a zone is not known.
+pub const UNKNOWN_ZONE: &str = "unknown";
+
 /// A neighbour's identity, carried on its probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub node: String,
     pub pod: String,
+    /// This agent's zone and the neighbour's, [`UNKNOWN_ZONE`] where not known.
+    pub source_zone: String,
+    pub target_zone: String,
 }
 
 /// What to probe.

@@ -45,6 +45,9 @@ pub fn resource(config: &Config, pod_name: &str, namespace: Option<&str>) -> Res
     if let Some(namespace) = namespace {
         attributes.push(KeyValue::new("k8s.namespace.name", namespace.to_owned()));
     }
+    if let Some(zone) = &config.zone {
+        attributes.push(KeyValue::new(crate::metrics::ZONE_ATTRIBUTE, zone.clone()));
+    }
     if let Some(extra) = &config.otel.resource_attributes {
         attributes.extend(extra.0.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
     }

@@ -158,6 +158,8 @@ impl ProbeSpans {
         if let Some(peer) = &target.peer {
             attributes.push(KeyValue::new("kubenurse.peer.node", peer.node.clone()));
             attributes.push(KeyValue::new("kubenurse.peer.pod", peer.pod.clone()));
+            attributes.push(KeyValue::new("kubenurse.source.zone", peer.source_zone.clone()));
+            attributes.push(KeyValue::new("kubenurse.peer.zone", peer.target_zone.clone()));
         }
         match &result.outcome {
             Outcome::Response { status } => {
