@@ -2,18 +2,20 @@
 """Checks the monitoring artifacts that Kubernetes schemas cannot: Prometheus Operator
 resources in rendered kustomize output, and the Grafana dashboard.
 
-Usage: check_crds.py [--rules-test FILE] [--dashboard FILE] RENDERED.yaml...
+Usage: check_crds.py [--rules FILE] [--rules-test FILE] [--dashboard FILE] RENDERED.yaml...
 
   * ServiceMonitor / PodMonitor: apiVersion monitoring.coreos.com/v1, required fields, known
     field names (a typo would be silently ignored by the operator), and the selector finds a
     Service (or pods) of the same rendering with the named port;
-  * PrometheusRule: every rule has alert, expr, for, labels.severity, annotations.summary;
-    its expressions use only the metric names kubenurse exports (plus `up`); the groups pass
-    `promtool check rules`, and `promtool test rules` runs the unit tests in --rules-test
-    against them;
+  * --rules: the plain rules file (groups for a Prometheus without the operator): every
+    alert has expr, for, labels.severity, annotations.summary and .description, every
+    recording rule a `level:metric:operations` name; expressions use only the metric names
+    kubenurse exports (plus `up`) and the names the file records; `promtool check rules`, and
+    `promtool test rules` runs the unit tests in --rules-test against it;
+  * PrometheusRule: its groups are exactly those of --rules (without --rules: the checks above);
   * --dashboard: Grafana JSON with a prometheus `datasource` variable used by every panel,
-    `type`/`node`/`pod` variables, expressions that use only kubenurse metric names and that
-    promtool parses (Grafana variables replaced by sample values); a ConfigMap in a rendering
+    `type`/`node`/`pod` variables, expressions that use only kubenurse metric names (and the
+    names --rules records) and that promtool parses (Grafana variables replaced by sample values); a ConfigMap in a rendering
     that carries the dashboard must carry this exact file and the sidecar label.
 
 Prints `ok   <check>` or `FAIL <check>: <reason>` per check; exits 1 when any check failed.
@@ -37,8 +39,12 @@ HISTOGRAMS = {
     "kubenurse_httpclient_request_duration_seconds",
     "kubenurse_httpclient_trace_request_duration_seconds",
     "kubenurse_round_lateness_seconds",
+    "kubenurse_zone_request_duration_seconds",
 }
-COUNTERS = {"kubenurse_httpclient_requests_total", "kubenurse_errors_total", "kubenurse_metric_overflow_total"}
+COUNTERS = {
+    "kubenurse_httpclient_requests_total", "kubenurse_errors_total", "kubenurse_metric_overflow_total",
+    "kubenurse_zone_requests_total", "kubenurse_zone_errors_total",
+}
 GAUGES = {"kubenurse_neighbourhood_incoming_checks", "kubenurse_build_info"}
 FAMILIES = HISTOGRAMS | COUNTERS | GAUGES
 SERIES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -65,6 +71,8 @@ RELABEL = {"action", "modulus", "regex", "replacement", "separator", "sourceLabe
 RELABEL_ACTIONS = {"replace", "keep", "drop", "keepequal", "dropequal", "hashmod", "labelmap", "labeldrop",
                    "labelkeep", "lowercase", "uppercase"}
 RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+RECORD_KEYS = {"record", "expr", "labels"}
+RECORD_NAME = re.compile(r"^[a-zA-Z_]\w*:[a-zA-Z_][\w:]*$")
 
 
 # ---------------------------------------------------------------------------------- PromQL
@@ -168,53 +176,68 @@ def check_monitor(label, doc, docs):
     report(f"{label}: {kn(doc)} structure and selector", problems)
 
 
-def check_rule(label, doc, rules_test, tmp):
-    problems = operator_meta_problems(doc)
-    meta = doc.get("metadata") or {}
-    groups = (doc.get("spec") or {}).get("groups") or []
-    if not groups:
-        problems.append("spec.groups is empty")
+def recorded_names(groups):
+    return {r["record"] for g in groups or [] for r in g.get("rules") or [] if isinstance(r.get("record"), str)}
+
+
+def check_groups(label, groups, rules_test, tmp):
+    """Structure, metric names, `promtool check rules` and the unit tests of rule groups."""
     group_names = [g.get("name") for g in groups]
+    problems = [] if groups else ["no groups"]
     if len(set(group_names)) != len(group_names) or None in group_names:
         problems.append(f"group names missing or repeated: {group_names}")
-    report(f"{label}: {kn(doc)} structure", problems)
+    report(f"{label}: groups", problems)
 
-    alerts = set()
+    alerts, records = set(), set()
+    allowed = SERIES | RULE_EXTRA | recorded_names(groups)
     for g in groups:
         if not g.get("rules"):
-            report(f"{label}: {kn(doc)} group {g.get('name')}", ["no rules"])
+            report(f"{label}: group {g.get('name')}", ["no rules"])
         for rule in g.get("rules") or []:
-            name = rule.get("alert") or rule.get("record") or "?"
             problems = [f"unknown field {k}" for k in sorted(set(rule) - RULE_KEYS)]
-            if "alert" not in rule:
-                problems.append("not an alerting rule (no alert)")
-            if name in alerts:
-                problems.append("alert name repeated")
-            alerts.add(name)
-            for key in ("expr", "for"):
-                if not rule.get(key):
-                    problems.append(f"no {key}")
-            severity = (rule.get("labels") or {}).get("severity")
-            if severity not in SEVERITIES:
-                problems.append(f"labels.severity is {severity!r}, not one of {sorted(SEVERITIES)}")
-            annotations = rule.get("annotations") or {}
-            for key in ("summary", "description"):
-                if not annotations.get(key):
-                    problems.append(f"no annotations.{key}")
-            problems += name_problems(str(rule.get("expr", "")), SERIES | RULE_EXTRA)
-            report(f"{label}: alert {name}", problems)
+            if "record" in rule:
+                name = str(rule.get("record"))
+                problems += [f"field {k} on a recording rule" for k in sorted(set(rule) - RECORD_KEYS)]
+                if not RECORD_NAME.match(name):
+                    problems.append("name is not level:metric:operations")
+                if name in records:
+                    problems.append("recorded twice")
+                records.add(name)
+            elif "alert" in rule:
+                name = str(rule.get("alert"))
+                if name in alerts:
+                    problems.append("alert name repeated")
+                alerts.add(name)
+                if not rule.get("for"):
+                    problems.append("no for")
+                severity = (rule.get("labels") or {}).get("severity")
+                if severity not in SEVERITIES:
+                    problems.append(f"labels.severity is {severity!r}, not one of {sorted(SEVERITIES)}")
+                annotations = rule.get("annotations") or {}
+                for key in ("summary", "description"):
+                    if not annotations.get(key):
+                        problems.append(f"no annotations.{key}")
+            else:
+                name = "?"
+                problems.append("neither alert nor record")
+            if not rule.get("expr"):
+                problems.append("no expr")
+            problems += name_problems(str(rule.get("expr", "")), allowed)
+            kind = "record" if "record" in rule else "alert"
+            report(f"{label}: {kind} {name}", problems)
 
-    rules_file = os.path.join(tmp, f"{label}-{meta.get('name')}-rules.yaml")
+    stem = re.sub(r"[^\w.-]+", "_", label)
+    rules_file = os.path.join(tmp, f"{stem}-rules.yaml")
     with open(rules_file, "w") as f:
         yaml.safe_dump({"groups": groups}, f, sort_keys=False)
     code, out = promtool("check", "rules", rules_file)
-    report(f"{label}: promtool check rules {kn(doc)}", [] if code == 0 else [out])
+    report(f"{label}: promtool check rules", [] if code == 0 else [out])
 
     if rules_test:
         with open(rules_test) as f:
             test = yaml.safe_load(f)
         test["rule_files"] = [rules_file]
-        test_file = os.path.join(tmp, f"{label}-{meta.get('name')}-rules.test.yaml")
+        test_file = os.path.join(tmp, f"{stem}-rules.test.yaml")
         with open(test_file, "w") as f:
             yaml.safe_dump(test, f, sort_keys=False)
         code, out = promtool("test", "rules", test_file)
@@ -223,6 +246,18 @@ def check_rule(label, doc, rules_test, tmp):
         problems = ([] if code == 0 else [out]) + [f"no test for {a}" for a in untested]
         report(f"{label}: promtool test rules {os.path.relpath(rules_test)} "
                f"({len(test.get('tests') or [])} scenarios)", problems)
+
+
+def check_rule(label, doc, plain_groups, rules_test, tmp):
+    groups = (doc.get("spec") or {}).get("groups") or []
+    problems = operator_meta_problems(doc)
+    if plain_groups is not None and groups != plain_groups:
+        problems.append("its groups differ from the plain rules file: run scripts/gen_prometheusrule.py")
+    if plain_groups is None:
+        report(f"{label}: {kn(doc)} structure", problems)
+        check_groups(f"{label}: {kn(doc)}", groups, rules_test, tmp)
+    else:  # the groups were checked as the plain rules file
+        report(f"{label}: {kn(doc)} structure, same groups as the plain rules file", problems)
 
 
 # ----------------------------------------------------------------------------------- Grafana
@@ -238,7 +273,7 @@ def grafana_sample(expr):
     return re.sub(r"\$\{?\w+\}?", ".*", expr)
 
 
-def check_dashboard(path, tmp):
+def check_dashboard(path, recorded, tmp):
     with open(path) as f:
         raw = f.read()
     try:
@@ -298,8 +333,8 @@ def check_dashboard(path, tmp):
 
     problems = []
     for where, expr in exprs:
-        problems += [f"{where}: {p}" for p in name_problems(expr, SERIES)]
-    report(f"dashboard {path}: queries use only kubenurse metric names", problems)
+        problems += [f"{where}: {p}" for p in name_problems(expr, SERIES | recorded)]
+    report(f"dashboard {path}: queries use only kubenurse metric names and recorded names", problems)
 
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"dashboard:query_{n}", "expr": grafana_sample(expr)} for n, (_, expr) in enumerate(exprs)]}]}
@@ -313,14 +348,24 @@ def check_dashboard(path, tmp):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rules-test", help="promtool unit-test file for the PrometheusRule groups")
+    parser.add_argument("--rules", help="plain Prometheus rules file (the groups of the PrometheusRule)")
+    parser.add_argument("--rules-test", help="promtool unit-test file for the rule groups")
     parser.add_argument("--dashboard", help="Grafana dashboard JSON")
     parser.add_argument("rendered", nargs="*")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="check-crds-")
     try:
-        dashboard = check_dashboard(args.dashboard, tmp) if args.dashboard else None
+        plain_groups = None
+        if args.rules:
+            with open(args.rules) as f:
+                plain = yaml.safe_load(f) or {}
+            if set(plain) != {"groups"}:
+                report(f"rules {args.rules}: top level", [f"keys {sorted(plain)}, expected only groups"])
+            plain_groups = plain.get("groups") or []
+            check_groups(f"rules {os.path.relpath(args.rules)}", plain_groups, args.rules_test, tmp)
+        recorded = recorded_names(plain_groups)
+        dashboard = check_dashboard(args.dashboard, recorded, tmp) if args.dashboard else None
         seen_rule = False
         for path in args.rendered:
             label = os.path.splitext(os.path.basename(path))[0]
@@ -331,7 +376,7 @@ def main():
                 if doc.get("kind") in ("ServiceMonitor", "PodMonitor"):
                     check_monitor(label, doc, docs)
                 elif doc.get("kind") == "PrometheusRule":
-                    check_rule(label, doc, args.rules_test, tmp)
+                    check_rule(label, doc, plain_groups, args.rules_test, tmp)
                     seen_rule = True
                 elif api.startswith("monitoring.coreos.com/"):
                     report(f"{label}: {kn(doc)}", [f"no check for kind {doc.get('kind')}"])

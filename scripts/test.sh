@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs promtool (Debian package `prometheus`) when it is
-# missing, because one test checks a live /metrics scrape with it.
+# Runs the whole test suite. Installs the Debian package `prometheus` when promtool or the
+# prometheus server is missing: one test checks a live /metrics scrape with promtool, another
+# runs the shipped alerts and dashboard against a live Prometheus (tests/prometheus_e2e.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v promtool >/dev/null 2>&1; then
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing promtool (Debian package prometheus)" >&2
+    echo "installing promtool and prometheus (Debian package prometheus)" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   else
-    echo "promtool is required: install the 'prometheus' package (apt-get install prometheus)" >&2
+    echo "promtool and prometheus are required: install the 'prometheus' package (apt-get install prometheus)" >&2
     exit 1
   fi
 fi

