@@ -512,7 +512,7 @@ impl Instruments {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::{Event, Outcome, Peer, Target};
+    use crate::probe::{Check, Event, Outcome, Peer, Target};
 
     fn metrics() -> Metrics {
         let resource = Resource::builder_empty().build();
@@ -526,6 +526,7 @@ mod tests {
         let target = Target {
             kind: kind.to_owned(),
             url: "http://127.0.0.1/alwayshappy".parse().expect("uri"),
+            check: Check::Http,
             bearer_token: false,
             peer: node.map(|n| Peer { node: n.to_owned(), pod: format!("kubenurse-{n}") }),
         };
