@@ -488,7 +488,9 @@ impl Instruments {
             round_lateness: histogram(names::ROUND_LATENESS, "how late a probe round started against its schedule"),
             requests: meter
                 .u64_counter(names::REQUESTS)
-                .with_description("probe requests by probe type and HTTP status (or round_trip_error)")
+                .with_description(
+                    "probe requests by probe type and HTTP status (ok for tcp and dns checks, or round_trip_error)",
+                )
                 .build(),
             errors: meter
                 .u64_counter(names::ERRORS)

@@ -34,9 +34,13 @@ impl Targets {
                 (true, Some(url)) => url.parse::<http::Uri>().map_err(|e| format!("invalid URL {url}: {e}")),
             };
             match target {
-                Ok(url) => {
-                    fixed.push(Arc::new(Target { kind: kind.to_owned(), url, check: Check::Http, bearer_token, peer: None }))
-                }
+                Ok(url) => fixed.push(Arc::new(Target {
+                    kind: kind.to_owned(),
+                    url,
+                    check: Check::Http,
+                    bearer_token,
+                    peer: None,
+                })),
                 Err(reason) => skipped.push(Skipped { kind: kind.to_owned(), reason }),
             }
         };

@@ -151,13 +151,17 @@ mod tests {
             Ok(dns_query("kubernetes.default.svc.cluster.local", Some("10.96.0.10:53")))
         );
         assert_eq!(check("dns://example.test.@127.0.0.1:5353"), Ok(dns_query("example.test.", Some("127.0.0.1:5353"))));
-        assert_eq!(check("dns://_dns._udp.example.test@[fd00::10]:53"), Ok(dns_query("_dns._udp.example.test", Some("[fd00::10]:53"))));
+        assert_eq!(
+            check("dns://_dns._udp.example.test@[fd00::10]:53"),
+            Ok(dns_query("_dns._udp.example.test", Some("[fd00::10]:53")))
+        );
     }
 
     #[test]
     fn tcp_and_dns_targets_show_as_written() {
         let (url, _) = parse_target("tcp://db.example.test:5432").expect("tcp");
-        let target = crate::probe::Target { kind: "db".into(), url, check: Check::Tcp, bearer_token: false, peer: None };
+        let target =
+            crate::probe::Target { kind: "db".into(), url, check: Check::Tcp, bearer_token: false, peer: None };
         assert_eq!(target.location(), "tcp://db.example.test:5432");
         let (url, check) = parse_target("dns://a.test@127.0.0.1:53").expect("dns");
         let target = crate::probe::Target { kind: "a".into(), url, check, bearer_token: false, peer: None };

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod checks;
 pub mod otel;
 
-pub use checks::{ExtraCheck, ExtraChecks};
 use checks::parse_extra_checks;
+pub use checks::{ExtraCheck, ExtraChecks};
 
 /// Exit status for bad configuration (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
@@ -557,7 +557,8 @@ fn parse_static_neighbours(s: &str) -> Result<StaticNeighbours, String> {
 /// `ip[:port]` entries separated by commas; the port defaults to 53. IPv6 with a port is
 /// written `[::1]:5353`.
 fn parse_dns_servers(s: &str) -> Result<DnsServers, String> {
-    let servers = s.split(',').map(str::trim).filter(|e| !e.is_empty()).map(parse_dns_server).collect::<Result<Vec<_>, _>>()?;
+    let servers =
+        s.split(',').map(str::trim).filter(|e| !e.is_empty()).map(parse_dns_server).collect::<Result<Vec<_>, _>>()?;
     if servers.is_empty() {
         return Err("no server given".into());
     }

@@ -42,10 +42,8 @@ impl Resolver {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Vec<IpAddr>, DnsCheckError> {
-        let name = Name::from_utf8(&query.name).map_err(|e| DnsCheckError {
-            cause: None,
-            text: format!("lookup {}: invalid name: {e}", query.name),
-        })?;
+        let name = Name::from_utf8(&query.name)
+            .map_err(|e| DnsCheckError { cause: None, text: format!("lookup {}: invalid name: {e}", query.name) })?;
         let candidates = self.candidates(name, query.server.is_some());
         let resolver = self.for_check(query.server, timeout).map_err(|e| DnsCheckError {
             cause: None,
@@ -212,11 +210,10 @@ mod tests {
     #[test]
     fn names_follow_the_search_list_and_ndots() {
         let r = resolver("nameserver 127.0.0.1\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:2\n");
-        assert_eq!(names(&r, "kubernetes", false), [
-            "kubernetes.ns.svc.cluster.local.",
-            "kubernetes.svc.cluster.local.",
-            "kubernetes."
-        ]);
+        assert_eq!(
+            names(&r, "kubernetes", false),
+            ["kubernetes.ns.svc.cluster.local.", "kubernetes.svc.cluster.local.", "kubernetes."]
+        );
         assert_eq!(names(&r, "a.b.c", false), ["a.b.c.", "a.b.c.ns.svc.cluster.local.", "a.b.c.svc.cluster.local."]);
         assert_eq!(names(&r, "absolute.test.", false), ["absolute.test."]);
         assert_eq!(names(&r, "kubernetes", true), ["kubernetes."], "a given server: the name as absolute");

@@ -37,8 +37,8 @@ use exchange::{exchange, Headers};
 use pool::Pool;
 use recorder::Recorder;
 
-pub use exchange::ORIGIN_HEADER;
 pub use dns_check::DnsCheckError;
+pub use exchange::ORIGIN_HEADER;
 pub use model::{Check, DnsQuery, Event, FailedPhase, Outcome, Peer, ProbeResult, Target};
 pub use resolve::{LookupError, Resolver, ResolverError};
 
@@ -96,7 +96,9 @@ impl Prober {
         let mut rec = Recorder::start();
         let deadline = Instant::from_std(rec.started()) + self.timeout;
         let outcome = match &target.check {
-            Check::Http => self.run(&target, token.as_ref(), &mut rec, deadline).await.map(|status| Outcome::Response { status }),
+            Check::Http => {
+                self.run(&target, token.as_ref(), &mut rec, deadline).await.map(|status| Outcome::Response { status })
+            }
             Check::Tcp => self.connect(&target, &mut rec, deadline).await,
             Check::Dns(query) => self.lookup(query, &mut rec, deadline).await,
         };

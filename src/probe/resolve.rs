@@ -4,6 +4,9 @@
 //! servers, search list and `ndots` of `/etc/resolv.conf`, the servers replaced by
 //! `KUBENURSE_DNS_SERVERS` when it is set.
 //!
+//! The DNS checks (`dns://`, see `dns_check`) use the same servers, search list and `ndots`,
+//! on a resolver of their own with one attempt and the check's timeout.
+//!
 //! Nothing is cached: each probe measures a real lookup, as with the Go agent (whose resolver
 //! has no cache), so `dns_done` times the cluster DNS path, and a DNS outage shows in the next
 //! round instead of after the records' TTL.
@@ -137,7 +140,7 @@ impl Resolver {
         };
         let mut options = self.options.clone();
         options.timeout = timeout;
-        // Retries after the first attempt (so a SERVFAIL is not asked again).
+        // No retry after the first attempt: a SERVFAIL or a lost answer is the check's result.
         options.attempts = 0;
         build(ResolverConfig::from_parts(None, Vec::new(), servers), options)
     }
