@@ -13,7 +13,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kubenurse::probe::{Prober, ProberSettings, Resolver, Target};
+use kubenurse::probe::{Check, Prober, ProberSettings, Resolver, Target};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -103,6 +103,7 @@ fn main() {
     let target = Arc::new(Target {
         kind: "bench".into(),
         url: format!("http://{addr}/ok").parse().expect("url"),
+        check: Check::Http,
         bearer_token: false,
         peer: None,
     });

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kubenurse::incoming::IncomingChecks;
 use kubenurse::metrics::Metrics;
-use kubenurse::probe::{Event, FailedPhase, Outcome, Peer, ProbeResult, Target};
+use kubenurse::probe::{Check, Event, FailedPhase, Outcome, Peer, ProbeResult, Target};
 use support::*;
 
 fn wrk(url: &str, seconds: u64) -> (String, String) {
@@ -50,16 +50,17 @@ fn synthetic_round() -> Vec<ProbeResult> {
         Outcome::Response { status: 200 },
         Outcome::Response { status: 500 },
         Outcome::Response { status: 503 },
-        Outcome::Failed { phase: FailedPhase::Dns, error: String::new() },
-        Outcome::Failed { phase: FailedPhase::Connect, error: String::new() },
-        Outcome::Failed { phase: FailedPhase::Tls, error: String::new() },
-        Outcome::Failed { phase: FailedPhase::RoundTrip, error: String::new() },
+        Outcome::Failed { phase: FailedPhase::Dns, error: String::new(), cause: None },
+        Outcome::Failed { phase: FailedPhase::Connect, error: String::new(), cause: None },
+        Outcome::Failed { phase: FailedPhase::Tls, error: String::new(), cause: None },
+        Outcome::Failed { phase: FailedPhase::RoundTrip, error: String::new(), cause: None },
     ];
     let mut out = Vec::new();
     for (kind, peer) in kinds {
         let target = Arc::new(Target {
             kind,
             url: "https://10.0.0.1:8443/alwayshappy".parse().expect("url"),
+            check: Check::Http,
             bearer_token: false,
             peer,
         });

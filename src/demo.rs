@@ -111,7 +111,9 @@ fn cell(report: Option<&RoundReport>, kind: &str) -> String {
         return "…".to_owned();
     };
     match &result.outcome {
-        Outcome::Response { status: 200 } => format!("{:.2} ms", result.elapsed.as_secs_f64() * 1000.0),
+        Outcome::Response { status: 200 } | Outcome::Reached => {
+            format!("{:.2} ms", result.elapsed.as_secs_f64() * 1000.0)
+        }
         Outcome::Response { status } => format!("HTTP {status}"),
         Outcome::Failed { phase, .. } => phase.label().to_owned(),
     }

@@ -580,7 +580,9 @@ impl Instruments {
             round_lateness: histogram(names::ROUND_LATENESS, "how late a probe round started against its schedule"),
             requests: meter
                 .u64_counter(names::REQUESTS)
-                .with_description("probe requests by probe type and HTTP status (or round_trip_error)")
+                .with_description(
+                    "probe requests by probe type and HTTP status (ok for tcp and dns checks, or round_trip_error)",
+                )
                 .build(),
             errors: meter
                 .u64_counter(names::ERRORS)
@@ -616,7 +618,7 @@ impl Instruments {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::{Event, Outcome, Peer, Target};
+    use crate::probe::{Check, Event, Outcome, Peer, Target};
 
     fn metrics() -> Metrics {
         let resource = Resource::builder_empty().build();
@@ -630,6 +632,7 @@ mod tests {
         let target = Target {
             kind: kind.to_owned(),
             url: "http://127.0.0.1/alwayshappy".parse().expect("uri"),
+            check: Check::Http,
             bearer_token: false,
             peer: node.map(|n| Peer {
                 node: n.to_owned(),

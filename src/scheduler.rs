@@ -202,7 +202,7 @@ where
         .zip(targets)
         .map(|(result, target)| {
             result.unwrap_or_else(|| {
-                let error = format!("GET {}: the probe crashed", target.url);
+                let error = format!("{}: the probe crashed", target.operation());
                 ProbeResult::unobserved(target.clone(), FailedPhase::RoundTrip, error)
             })
         })
@@ -221,7 +221,7 @@ impl FailureLog {
     fn record(&mut self, results: &[ProbeResult], now: Instant) {
         for result in results {
             let kind = &result.target.kind;
-            let url = &result.target.url;
+            let url = result.target.location();
             if result.is_ok() {
                 if let Some(recovery) = self.streaks.remove(kind).and_then(|mut s| s.succeeded(now)) {
                     tracing::info!(
@@ -266,13 +266,14 @@ fn whole_seconds(d: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::discovery::Neighbour;
-    use crate::probe::Outcome;
+    use crate::probe::{Check, Outcome};
     use std::sync::mpsc;
 
     fn target(kind: &str) -> Arc<Target> {
         Arc::new(Target {
             kind: kind.into(),
             url: format!("http://127.0.0.1/{kind}").parse().expect("url"),
+            check: Check::Http,
             bearer_token: false,
             peer: None,
         })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::config::{bracket, Config};
 use crate::discovery::Neighbour;
-use crate::probe::{Peer, Target, UNKNOWN_ZONE};
+use crate::probe::{Check, Peer, Target, UNKNOWN_ZONE};
 
 /// A probe that is not run, and why.
 #[derive(Debug, Clone)]
@@ -34,7 +34,13 @@ impl Targets {
                 (true, Some(url)) => url.parse::<http::Uri>().map_err(|e| format!("invalid URL {url}: {e}")),
             };
             match target {
-                Ok(url) => fixed.push(Arc::new(Target { kind: kind.to_owned(), url, bearer_token, peer: None })),
+                Ok(url) => fixed.push(Arc::new(Target {
+                    kind: kind.to_owned(),
+                    url,
+                    check: Check::Http,
+                    bearer_token,
+                    peer: None,
+                })),
                 Err(reason) => skipped.push(Skipped { kind: kind.to_owned(), reason }),
             }
         };
@@ -52,9 +58,15 @@ impl Targets {
         add("me_ingress", config.check_me_ingress, ingress, false, "KUBENURSE_INGRESS_URL is not set");
         let service = config.service_url.as_ref().map(|u| format!("{u}/alwayshappy"));
         add("me_service", config.check_me_service, service, false, "KUBENURSE_SERVICE_URL is not set");
-        for check in config.extra_checks() {
-            add(&check.name, true, Some(check.url.clone()), false, "");
-        }
+        fixed.extend(config.extra_checks().iter().map(|extra| {
+            Arc::new(Target {
+                kind: extra.name.clone(),
+                url: extra.url.clone(),
+                check: extra.check.clone(),
+                bearer_token: false,
+                peer: None,
+            })
+        }));
         Self {
             fixed,
             skipped,
@@ -94,7 +106,13 @@ impl Targets {
                 (_, true) => format!("path_{}_ipv6", n.node_name),
                 (_, false) => continue,
             };
-            targets.push(Arc::new(Target { kind, url, bearer_token: false, peer: Some(peer.clone()) }));
+            targets.push(Arc::new(Target {
+                kind,
+                url,
+                check: Check::Http,
+                bearer_token: false,
+                peer: Some(peer.clone()),
+            }));
         }
         targets
     }

@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod checks;
 pub mod otel;
+
+use checks::parse_extra_checks;
+pub use checks::{ExtraCheck, ExtraChecks};
 
 /// Exit status for bad configuration (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
@@ -17,9 +21,6 @@ const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Prometheus' classic buckets, in seconds.
 pub const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-
-/// Probe names the agent uses itself; extra checks may not take them.
-const RESERVED_TYPES: [&str; 4] = ["api_server_direct", "api_server_dns", "me_ingress", "me_service"];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -109,7 +110,10 @@ pub struct Config {
     /// service-account `ca.crt`.
     #[arg(long, env = "KUBENURSE_EXTRA_CA")]
     pub extra_ca: Option<PathBuf>,
-    /// Extra targets, `name:url` entries separated by `|`; each is probed as type `name`.
+    /// Extra targets, `name:url` entries separated by `|`; each is probed as type `name`. A
+    /// URL is `http(s)://…` (a GET, success is 200), `tcp://host:port` (success is a
+    /// connection), `dns://name` (the system's resolver configuration) or
+    /// `dns://name@server[:port]` (success is an A or AAAA address).
     #[arg(long, env = "KUBENURSE_EXTRA_CHECKS", value_parser = parse_extra_checks)]
     pub extra_checks: Option<ExtraChecks>,
     /// Namespace the kubenurse pods run in (neighbour discovery) [default: the agent's own
@@ -247,16 +251,6 @@ pub struct Config {
     #[command(flatten)]
     pub otel: otel::OtelConfig,
 }
-
-/// One `KUBENURSE_EXTRA_CHECKS` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExtraCheck {
-    pub name: String,
-    pub url: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExtraChecks(pub Vec<ExtraCheck>);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Buckets(pub Vec<f64>);
@@ -550,44 +544,6 @@ fn parse_buckets(s: &str) -> Result<Buckets, String> {
     Ok(Buckets(bounds))
 }
 
-/// Extra check names become the `type` label: short, plain and distinct from the agent's own.
-fn check_type_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 63 {
-        return Err(format!("check name {name:?} must be 1 to 63 characters"));
-    }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
-        return Err(format!("check name {name:?} may only hold letters, digits, '_', '-' and '.'"));
-    }
-    if RESERVED_TYPES.contains(&name) || name.starts_with("path_") {
-        return Err(format!("check name {name:?} is used by the agent's own probes"));
-    }
-    Ok(())
-}
-
-fn parse_extra_checks(s: &str) -> Result<ExtraChecks, String> {
-    let mut checks: Vec<ExtraCheck> = Vec::new();
-    for entry in s.split('|').map(str::trim).filter(|e| !e.is_empty()) {
-        let (name, url) = entry.split_once(':').ok_or_else(|| format!("entry {entry:?} is not name:url"))?;
-        check_type_name(name)?;
-        let url = parse_url(url).map_err(|e| format!("entry {name:?}: {e}"))?;
-        if checks.iter().any(|c| c.name == name) {
-            return Err(format!("check name {name:?} appears twice"));
-        }
-        checks.push(ExtraCheck { name: name.to_owned(), url });
-    }
-    Ok(ExtraChecks(checks))
-}
-
-/// A full target URL (extra checks are probed as given, path included).
-fn parse_url(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL ({e})"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(s.to_owned()),
-        _ => Err(format!("{s:?} is not an http:// or https:// URL with a host")),
-    }
-}
-
 fn parse_static_neighbours(s: &str) -> Result<StaticNeighbours, String> {
     let mut neighbours: Vec<StaticNeighbour> = Vec::new();
     for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
@@ -642,24 +598,27 @@ fn parse_zone(s: &str) -> Result<String, String> {
 /// `ip[:port]` entries separated by commas; the port defaults to 53. IPv6 with a port is
 /// written `[::1]:5353`.
 fn parse_dns_servers(s: &str) -> Result<DnsServers, String> {
-    let mut servers = Vec::new();
-    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let server = match entry.parse::<SocketAddr>() {
-            Ok(addr) => addr,
-            Err(_) => match entry.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
-                Ok(ip) => SocketAddr::new(ip, 53),
-                Err(_) => return Err(format!("{entry:?} is not an IP address or ip:port")),
-            },
-        };
-        if server.port() == 0 {
-            return Err(format!("{entry:?}: port 0"));
-        }
-        servers.push(server);
-    }
+    let servers =
+        s.split(',').map(str::trim).filter(|e| !e.is_empty()).map(parse_dns_server).collect::<Result<Vec<_>, _>>()?;
     if servers.is_empty() {
         return Err("no server given".into());
     }
     Ok(DnsServers(servers))
+}
+
+/// A name server, `ip[:port]`; the port defaults to 53.
+fn parse_dns_server(entry: &str) -> Result<SocketAddr, String> {
+    let server = match entry.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => match entry.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => return Err(format!("{entry:?} is not an IP address or ip:port")),
+        },
+    };
+    if server.port() == 0 {
+        return Err(format!("{entry:?}: port 0"));
+    }
+    Ok(server)
 }
 
 /// Brackets IPv6 literals for use in URLs.
@@ -707,7 +666,7 @@ mod tests {
             "--check-interval=1m30s",
             "--neighbour-limit=0",
             "--histogram-buckets=0.001, 0.1,2",
-            "--extra-checks=google:https://example.test/healthz|local:http://127.0.0.1:9/x",
+            "--extra-checks=google:https://example.test/healthz|local:http://127.0.0.1:9/x|db:tcp://db.test:5432|coredns:dns://kubernetes.default@10.96.0.10",
             "--neighbours=node-a=127.0.0.2:8080,node-b=[::1]:9090",
             "--insecure=TRUE",
         ])
@@ -715,8 +674,16 @@ mod tests {
         assert_eq!(c.check_interval, Duration::from_secs(90));
         assert_eq!(c.neighbour_limit, 0);
         assert_eq!(c.buckets(), vec![0.001, 0.1, 2.0]);
-        assert_eq!(c.extra_checks().len(), 2);
+        assert_eq!(c.extra_checks().len(), 4);
         assert_eq!(c.extra_checks()[0].url, "https://example.test/healthz");
+        assert_eq!(c.extra_checks()[2].check, crate::probe::Check::Tcp);
+        assert_eq!(
+            c.extra_checks()[3].check,
+            crate::probe::Check::Dns(crate::probe::DnsQuery {
+                name: "kubernetes.default".into(),
+                server: Some("10.96.0.10:53".parse().expect("addr"))
+            })
+        );
         let n = c.neighbours.expect("neighbours").0;
         assert_eq!(n[1], StaticNeighbour { node: "node-b".into(), zone: None, addresses: vec![("::1".into(), 9090)] });
         let dual =
@@ -749,6 +716,10 @@ mod tests {
             (&["--extra-checks=me_ingress:http://x"], "KUBENURSE_EXTRA_CHECKS"),
             (&["--extra-checks=a:ftp://x"], "KUBENURSE_EXTRA_CHECKS"),
             (&["--extra-checks=a:http://x|a:http://y"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=a:udp://x:53"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=a:tcp://x"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=a:dns://x@coredns"], "KUBENURSE_EXTRA_CHECKS"),
+            (&["--extra-checks=a:dns://x@10.96.0.10:0"], "KUBENURSE_EXTRA_CHECKS"),
             (&["--listen-addr=localhost"], "KUBENURSE_LISTEN_ADDR"),
             (&["--tls-listen-addr=1.2.3.4:99999"], "KUBENURSE_TLS_LISTEN_ADDR"),
             (&["--ingress-url=not a url"], "KUBENURSE_INGRESS_URL"),

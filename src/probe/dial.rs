@@ -53,7 +53,10 @@ pub(super) async fn connect(
             rec.mark(Event::DnsStart);
             let ips = match timeout_at(deadline, resolver.lookup(host)).await {
                 Err(_) => return Err(Failure::timed_out(FailedPhase::Dns)),
-                Ok(Err(e)) => return Err(Failure::new(FailedPhase::Dns, e)),
+                Ok(Err(e)) => {
+                    let cause = e.cause();
+                    return Err(Failure::new(FailedPhase::Dns, e).with_cause(cause));
+                }
                 Ok(Ok(ips)) => ips,
             };
             rec.mark(Event::DnsDone);
@@ -71,7 +74,10 @@ pub(super) async fn connect(
         // The connector's own timeout is the deadline too, and may fire first.
         Err(_) => return Err(Failure::timed_out(FailedPhase::Connect)),
         Ok(Err(_)) if Instant::now() >= deadline => return Err(Failure::timed_out(FailedPhase::Connect)),
-        Ok(Err(e)) => return Err(Failure::new(FailedPhase::Connect, format!("connect {host}:{port}: {}", chain(&e)))),
+        Ok(Err(e)) => {
+            let error = format!("connect {host}:{port}: {}", chain(&e));
+            return Err(Failure::new(FailedPhase::Connect, error).with_cause(connect_cause(&e)));
+        }
         Ok(Ok(stream)) => stream.into_inner(),
     };
     rec.mark(Event::ConnectDone);
@@ -111,6 +117,22 @@ pub(super) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The class of a failed connection: `refused` (nothing listens) or `unreachable` (no route).
+fn connect_cause(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut source = Some(e);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => Some("refused"),
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => Some("unreachable"),
+                _ => None,
+            };
+        }
+        source = error.source();
+    }
+    None
 }
 
 /// The connector's resolver: the addresses found before it was built.

@@ -1,4 +1,5 @@
-//! The probe: one HTTP GET, timed phase by phase, failing at the phase that failed.
+//! The probe: one HTTP GET, timed phase by phase, failing at the phase that failed; or, for
+//! the `tcp://` and `dns://` extra checks, a connection or a DNS lookup alone.
 //!
 //! A probe first reads its credentials, then starts its clock. Within one deadline it takes
 //! an idle connection (with reuse on) or dials a fresh one — resolve the name, connect, TLS
@@ -8,11 +9,15 @@
 //! handshake at `tls_handshake_done`, and only a written request left unanswered at
 //! `round_trip_error`.
 //!
+//! A TCP check takes the same path up to `connect_done` and closes the connection; a DNS
+//! check only has `dns_start` and `dns_done` (see [`dns_check`]).
+//!
 //! By default every probe opens a fresh connection (measuring DNS + TCP + TLS each time).
 //! With connection reuse on, one idle connection per target is kept between rounds.
 
 mod connection;
 mod dial;
+mod dns_check;
 mod exchange;
 pub mod model;
 mod pool;
@@ -32,8 +37,9 @@ use exchange::{exchange, Headers};
 use pool::Pool;
 use recorder::Recorder;
 
+pub use dns_check::DnsCheckError;
 pub use exchange::ORIGIN_HEADER;
-pub use model::{Event, FailedPhase, Outcome, Peer, ProbeResult, Target, UNKNOWN_ZONE};
+pub use model::{Check, DnsQuery, Event, FailedPhase, Outcome, Peer, ProbeResult, Target, UNKNOWN_ZONE};
 pub use resolve::{LookupError, Resolver, ResolverError};
 
 /// Settings of the probe client.
@@ -89,11 +95,39 @@ impl Prober {
         };
         let mut rec = Recorder::start();
         let deadline = Instant::from_std(rec.started()) + self.timeout;
-        let outcome = match self.run(&target, token.as_ref(), &mut rec, deadline).await {
-            Ok(status) => Outcome::Response { status },
-            Err(f) => Outcome::Failed { phase: f.phase, error: f.describe(&target, self.timeout) },
+        let outcome = match &target.check {
+            Check::Http => {
+                self.run(&target, token.as_ref(), &mut rec, deadline).await.map(|status| Outcome::Response { status })
+            }
+            Check::Tcp => self.connect(&target, &mut rec, deadline).await,
+            Check::Dns(query) => self.lookup(query, &mut rec, deadline).await,
         };
+        let outcome = outcome.unwrap_or_else(|f| Outcome::Failed {
+            phase: f.phase,
+            error: f.describe(&target, self.timeout),
+            cause: f.cause,
+        });
         rec.finish(target, outcome)
+    }
+
+    /// A TCP check: resolve and connect as an HTTP probe does, then close at once.
+    async fn connect(&self, target: &Target, rec: &mut Recorder, deadline: Instant) -> Result<Outcome, Failure> {
+        drop(dial::connect(&self.resolver, &target.url, rec, deadline).await?);
+        rec.reached();
+        Ok(Outcome::Reached)
+    }
+
+    /// A DNS check: its lookup is the `dns_start`–`dns_done` phase.
+    async fn lookup(&self, query: &DnsQuery, rec: &mut Recorder, deadline: Instant) -> Result<Outcome, Failure> {
+        rec.mark(Event::DnsStart);
+        match self.resolver.check_name(query, deadline, self.timeout).await {
+            Ok(_) => {
+                rec.mark(Event::DnsDone);
+                rec.reached();
+                Ok(Outcome::Reached)
+            }
+            Err(e) => Err(Failure::new(FailedPhase::Dns, &e).with_cause(e.cause)),
+        }
     }
 
     async fn run(
@@ -192,21 +226,28 @@ struct Failure {
     phase: FailedPhase,
     /// `None`: the deadline passed while `phase` was open.
     error: Option<String>,
+    /// The class of the error, when known (the span's `error.type`).
+    cause: Option<&'static str>,
 }
 
 impl Failure {
     fn new(phase: FailedPhase, error: impl std::fmt::Display) -> Self {
-        Self { phase, error: Some(error.to_string()) }
+        Self { phase, error: Some(error.to_string()), cause: None }
     }
 
     fn timed_out(phase: FailedPhase) -> Self {
-        Self { phase, error: None }
+        Self { phase, error: None, cause: Some("timeout") }
     }
 
-    /// The text for `/alive` and the logs.
+    fn with_cause(self, cause: Option<&'static str>) -> Self {
+        Self { cause, ..self }
+    }
+
+    /// The text for `/alive` and the logs: what was done to which target, and what failed.
     fn describe(&self, target: &Target, timeout: Duration) -> String {
+        let what = target.operation();
         match &self.error {
-            Some(error) => format!("GET {}: {error}", target.url),
+            Some(error) => format!("{what}: {error}"),
             None => {
                 let during = match self.phase {
                     FailedPhase::Dns => "resolving the name",
@@ -215,7 +256,7 @@ impl Failure {
                     FailedPhase::WriteRequest => "writing the request",
                     FailedPhase::RoundTrip => "waiting for the response",
                 };
-                format!("GET {}: timed out after {timeout:?} {during}", target.url)
+                format!("{what}: timed out after {timeout:?} {during}")
             }
         }
     }

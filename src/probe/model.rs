@@ -5,6 +5,7 @@
 //! `/alive` handler read them; the label strings here are the closed sets of SPEC §5.
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -97,16 +98,65 @@ pub struct Peer {
     pub target_zone: String,
 }
 
+/// What a probe does with its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// `GET` the URL; success is status 200.
+    Http,
+    /// Resolve the URL's host and connect to its port (`tcp://host:port`), then close; success
+    /// is a connection.
+    Tcp,
+    /// One A and one AAAA query for a name (`dns://name[@server:port]`); success is an
+    /// address in either answer.
+    Dns(DnsQuery),
+}
+
+/// The name a DNS check asks for, and whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsQuery {
+    /// The name as configured.
+    pub name: String,
+    /// Ask this server, the name taken as absolute. `None`: the system configuration, the
+    /// servers, search list and `ndots` of `/etc/resolv.conf` (servers replaced by
+    /// `KUBENURSE_DNS_SERVERS`).
+    pub server: Option<SocketAddr>,
+}
+
 /// What to probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// The `type` label: `api_server_direct`, `path_<node>`, an extra check's name, …
     pub kind: String,
     pub url: http::Uri,
+    pub check: Check,
     /// Send the service-account bearer token (apiserver probes only).
     pub bearer_token: bool,
     /// Set for neighbour probes: who is on the other side.
     pub peer: Option<Peer>,
+}
+
+impl Target {
+    /// The target as an operator wrote it: the URL, without the `/` that `http::Uri` shows
+    /// after the authority of a `tcp://` or `dns://` target.
+    pub fn location(&self) -> String {
+        match self.check {
+            Check::Http => self.url.to_string(),
+            Check::Tcp | Check::Dns(_) => format!(
+                "{}://{}",
+                self.url.scheme_str().unwrap_or_default(),
+                self.url.authority().map_or("", |a| a.as_str())
+            ),
+        }
+    }
+
+    /// What a probe does to the target, for texts: `GET <url>`, or the `tcp://` or `dns://`
+    /// target.
+    pub fn operation(&self) -> String {
+        match self.check {
+            Check::Http => format!("GET {}", self.url),
+            Check::Tcp | Check::Dns(_) => self.location(),
+        }
+    }
 }
 
 /// How a probe ended.
@@ -114,8 +164,16 @@ pub struct Target {
 pub enum Outcome {
     /// A response arrived; only 200 counts as success.
     Response { status: u16 },
-    /// No response.
-    Failed { phase: FailedPhase, error: String },
+    /// A TCP check connected, or a DNS check found an address.
+    Reached,
+    /// No response (HTTP), no connection (TCP), no address (DNS).
+    Failed {
+        phase: FailedPhase,
+        error: String,
+        /// The class of the error, when known: `timeout`, `refused`, `nxdomain`, … (the
+        /// span's `error.type`).
+        cause: Option<&'static str>,
+    },
 }
 
 /// Everything one probe observed.
@@ -144,23 +202,34 @@ impl ProbeResult {
             events: Vec::new(),
             response_after: None,
             elapsed: Duration::ZERO,
-            outcome: Outcome::Failed { phase, error },
+            outcome: Outcome::Failed { phase, error, cause: None },
         }
     }
 
-    /// HTTP 200 and nothing else.
+    /// HTTP 200 and nothing else; for a TCP or DNS check, a connection or an address.
     pub fn is_ok(&self) -> bool {
-        self.outcome == Outcome::Response { status: 200 }
+        matches!(self.outcome, Outcome::Response { status: 200 } | Outcome::Reached)
     }
 
-    /// The `code` label of `kubenurse_httpclient_requests_total`. The peer chooses the status,
-    /// so codes outside the HTTP range 100–599 are one value, `other`: a hostile peer cannot
-    /// create hundreds of series.
+    /// The `code` label of `kubenurse_httpclient_requests_total`: the HTTP status, `ok` for a
+    /// TCP or DNS check that succeeded, `round_trip_error` for any failure. The peer chooses
+    /// the status, so codes outside the HTTP range 100–599 are one value, `other`: a hostile
+    /// peer cannot create hundreds of series.
     pub fn code_label(&self) -> Cow<'static, str> {
         match &self.outcome {
             Outcome::Response { status } if STANDARD_CODES.contains(status) => Cow::Owned(status.to_string()),
             Outcome::Response { .. } => Cow::Borrowed("other"),
+            Outcome::Reached => Cow::Borrowed("ok"),
             Outcome::Failed { .. } => Cow::Borrowed("round_trip_error"),
+        }
+    }
+
+    /// The span's `error.type` of a probe that got no response: the class of the error when
+    /// known (`timeout`, `refused`, `nxdomain`, …), else the failed phase.
+    pub fn error_type(&self) -> Option<&'static str> {
+        match &self.outcome {
+            Outcome::Failed { phase, cause, .. } => Some(cause.unwrap_or(phase.label())),
+            Outcome::Response { .. } | Outcome::Reached => None,
         }
     }
 
@@ -168,7 +237,7 @@ impl ProbeResult {
     /// or `status_code_<N>` (`status_code_other` outside 100–599, as for [`Self::code_label`]).
     pub fn error_event(&self) -> Option<Cow<'static, str>> {
         match &self.outcome {
-            Outcome::Response { status: 200 } => None,
+            Outcome::Response { status: 200 } | Outcome::Reached => None,
             Outcome::Response { status } if STANDARD_CODES.contains(status) => {
                 Some(Cow::Owned(format!("status_code_{status}")))
             }
@@ -180,7 +249,7 @@ impl ProbeResult {
     /// The `/alive` text: `ok`, the status line, or the error.
     pub fn summary(&self) -> String {
         match &self.outcome {
-            Outcome::Response { status: 200 } => "ok".to_owned(),
+            Outcome::Response { status: 200 } | Outcome::Reached => "ok".to_owned(),
             Outcome::Response { status } => {
                 let reason = http::StatusCode::from_u16(*status).ok().and_then(|s| s.canonical_reason());
                 format!("{status} {}", reason.unwrap_or_default()).trim_end().to_owned()
@@ -204,6 +273,7 @@ mod tests {
             target: Arc::new(Target {
                 kind: "me_service".into(),
                 url: "http://127.0.0.1/alwayshappy".parse().expect("uri"),
+                check: Check::Http,
                 bearer_token: false,
                 peer: None,
             }),
@@ -239,13 +309,34 @@ mod tests {
             (FailedPhase::RoundTrip, "round_trip_error"),
         ];
         for (phase, label) in cases {
-            let r = result(Outcome::Failed { phase, error: "boom at 10.1.2.3".into() });
+            let r = result(Outcome::Failed { phase, error: "boom at 10.1.2.3".into(), cause: None });
             assert_eq!(r.code_label(), "round_trip_error");
             assert_eq!(r.error_event().as_deref(), Some(label));
+            assert_eq!(r.error_type(), Some(label), "without a known cause, the phase");
             assert_eq!(r.summary(), "boom at 10.1.2.3");
         }
         assert_eq!(result(Outcome::Response { status: 200 }).error_event(), None);
         assert_eq!(result(Outcome::Response { status: 200 }).summary(), "ok");
+        assert_eq!(result(Outcome::Response { status: 503 }).error_type(), None);
+    }
+
+    #[test]
+    fn tcp_and_dns_checks_succeed_as_ok_and_fail_at_their_phase() {
+        let reached = result(Outcome::Reached);
+        assert!(reached.is_ok());
+        assert_eq!(reached.code_label(), "ok");
+        assert_eq!((reached.error_event(), reached.error_type()), (None, None));
+        assert_eq!(reached.summary(), "ok");
+
+        for (phase, cause, event) in
+            [(FailedPhase::Dns, "nxdomain", "dns_done"), (FailedPhase::Connect, "refused", "connect_done")]
+        {
+            let failed = result(Outcome::Failed { phase, error: "lookup x: NXDOMAIN".into(), cause: Some(cause) });
+            assert!(!failed.is_ok());
+            assert_eq!(failed.code_label(), "round_trip_error");
+            assert_eq!(failed.error_event().as_deref(), Some(event), "the event set stays closed");
+            assert_eq!(failed.error_type(), Some(cause));
+        }
     }
 
     #[test]

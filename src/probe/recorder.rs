@@ -10,8 +10,8 @@ pub(super) struct Recorder {
     started: Instant,
     started_at: SystemTime,
     events: Vec<(Event, Duration)>,
-    /// When the response headers arrived.
-    headers: Option<Duration>,
+    /// When the response headers arrived, or a TCP or DNS check reached its target.
+    answered: Option<Duration>,
 }
 
 impl Recorder {
@@ -21,7 +21,7 @@ impl Recorder {
             started_at: SystemTime::now(),
             started: Instant::now(),
             events: Vec::with_capacity(Event::ALL.len()),
-            headers: None,
+            answered: None,
         }
     }
 
@@ -38,7 +38,12 @@ impl Recorder {
     }
 
     pub(super) fn headers_at(&mut self, at: Instant) {
-        self.headers = Some(at.saturating_duration_since(self.started));
+        self.answered = Some(at.saturating_duration_since(self.started));
+    }
+
+    /// A TCP or DNS check reached its target now: the end of its "request".
+    pub(super) fn reached(&mut self) {
+        self.headers_at(Instant::now());
     }
 
     /// Forgets the events so far (a pooled connection failed and a fresh one is tried); the
@@ -50,7 +55,7 @@ impl Recorder {
     /// The result of the probe that ended with `outcome`.
     pub(super) fn finish(self, target: Arc<Target>, outcome: Outcome) -> ProbeResult {
         let response_after = match outcome {
-            Outcome::Response { .. } => self.headers,
+            Outcome::Response { .. } | Outcome::Reached => self.answered,
             Outcome::Failed { .. } => None,
         };
         ProbeResult {

@@ -4,6 +4,9 @@
 //! servers, search list and `ndots` of `/etc/resolv.conf`, the servers replaced by
 //! `KUBENURSE_DNS_SERVERS` when it is set.
 //!
+//! The DNS checks (`dns://`, see `dns_check`) use the same servers, search list and `ndots`,
+//! on a resolver of their own with one attempt and the check's timeout.
+//!
 //! Nothing is cached: each probe measures a real lookup, as with the Go agent (whose resolver
 //! has no cache), so `dns_done` times the cluster DNS path, and a DNS outage shows in the next
 //! round instead of after the records' TTL.
@@ -17,8 +20,8 @@ use hickory_resolver::config::{
     ServerOrderingStrategy,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::net::NetError;
-use hickory_resolver::proto::op::Query;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::{Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RecordType};
 use hickory_resolver::proto::ProtoError;
 use hickory_resolver::{Hosts, TokioResolver};
@@ -43,11 +46,39 @@ pub enum LookupError {
     NoAddresses { host: String },
 }
 
+impl LookupError {
+    /// The class of the error, for the span's `error.type`.
+    pub fn cause(&self) -> Option<&'static str> {
+        match self {
+            LookupError::InvalidName { .. } => None,
+            LookupError::Dns { source, .. } => cause(source),
+            LookupError::NoAddresses { .. } => Some("no_address"),
+        }
+    }
+}
+
+/// The class of a DNS error: `timeout`, `nxdomain`, `no_address` (an answer without
+/// records), `servfail`, `refused` (by the server's answer, or no server listening).
+pub(super) fn cause(error: &NetError) -> Option<&'static str> {
+    match error {
+        NetError::Timeout => Some("timeout"),
+        NetError::Dns(DnsError::NoRecordsFound(no)) if no.response_code == ResponseCode::NXDomain => Some("nxdomain"),
+        NetError::Dns(DnsError::NoRecordsFound(_)) => Some("no_address"),
+        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)) => Some("servfail"),
+        NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused)) => Some("refused"),
+        NetError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some("refused"),
+        _ => None,
+    }
+}
+
 /// The probes' resolver; clones share one instance.
 #[derive(Clone)]
 pub struct Resolver {
     dns: TokioResolver,
     hosts: Arc<Hosts>,
+    /// The servers and search list the resolver was built with, for the DNS checks.
+    pub(super) system: ResolverConfig,
+    pub(super) options: ResolverOpts,
 }
 
 impl Resolver {
@@ -91,18 +122,27 @@ impl Resolver {
         // `lookup` reads the hosts file itself, for both families at once.
         options.use_hosts_file = ResolveHosts::Never;
 
-        let dns = TokioResolver::builder_with_config(
-            ResolverConfig::from_parts(None, search, name_servers),
-            TokioRuntimeProvider::default(),
-        )
-        .with_options(options)
-        .build()
-        .map_err(ResolverError)?;
+        let system = ResolverConfig::from_parts(None, search, name_servers);
+        let dns = build(system.clone(), options.clone()).map_err(ResolverError)?;
         let mut static_hosts = Hosts::default();
         if let Err(error) = static_hosts.read_hosts_conf(hosts) {
             tracing::warn!(file = HOSTS, %error, "cannot read the hosts file");
         }
-        Ok(Self { dns, hosts: Arc::new(static_hosts) })
+        Ok(Self { dns, hosts: Arc::new(static_hosts), system, options })
+    }
+
+    /// A resolver for one DNS check: asking `server`, or the system's servers; no search list
+    /// (the check expands names itself), one attempt, `timeout` per query, no cache.
+    pub(super) fn for_check(&self, server: Option<SocketAddr>, timeout: Duration) -> Result<TokioResolver, NetError> {
+        let servers = match server {
+            Some(addr) => vec![name_server(addr)],
+            None => self.system.name_servers().to_vec(),
+        };
+        let mut options = self.options.clone();
+        options.timeout = timeout;
+        // No retry after the first attempt: a SERVFAIL or a lost answer is the check's result.
+        options.attempts = 0;
+        build(ResolverConfig::from_parts(None, Vec::new(), servers), options)
     }
 
     /// The addresses of `host`. A name in the hosts file is answered from there alone, for
@@ -130,6 +170,10 @@ impl Resolver {
             .flat_map(|lookup| lookup.answers().iter().filter_map(|r| r.data.ip_addr()).collect::<Vec<_>>())
             .collect()
     }
+}
+
+fn build(config: ResolverConfig, options: ResolverOpts) -> Result<TokioResolver, NetError> {
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default()).with_options(options).build()
 }
 
 /// A name server on `addr`, over UDP with TCP for truncated answers.

@@ -17,7 +17,7 @@ use opentelemetry::trace::{Span, SpanKind, Status, Tracer, TracerProvider};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
-use crate::probe::{Outcome, ProbeResult};
+use crate::probe::{Check, Outcome, ProbeResult};
 use crate::sync::lock;
 
 /// How often a target whose condition does not change exports a span again.
@@ -148,12 +148,24 @@ impl ProbeSpans {
         let target = &result.target;
         let mut attributes = vec![
             KeyValue::new("kubenurse.probe.type", target.kind.clone()),
-            KeyValue::new("server.address", target.url.host().unwrap_or_default().to_owned()),
-            KeyValue::new("url.full", target.url.to_string()),
-            KeyValue::new("http.request.method", "GET"),
+            KeyValue::new("url.full", target.location()),
         ];
-        if let Some(port) = target.url.port_u16() {
-            attributes.push(KeyValue::new("server.port", i64::from(port)));
+        let server = match &target.check {
+            Check::Http => {
+                attributes.push(KeyValue::new("http.request.method", "GET"));
+                Some((target.url.host().unwrap_or_default().to_owned(), target.url.port_u16()))
+            }
+            Check::Tcp => Some((target.url.host().unwrap_or_default().to_owned(), target.url.port_u16())),
+            Check::Dns(query) => {
+                attributes.push(KeyValue::new("dns.question.name", query.name.clone()));
+                query.server.map(|addr| (addr.ip().to_string(), Some(addr.port())))
+            }
+        };
+        if let Some((address, port)) = server {
+            attributes.push(KeyValue::new("server.address", address));
+            if let Some(port) = port {
+                attributes.push(KeyValue::new("server.port", i64::from(port)));
+            }
         }
         if let Some(peer) = &target.peer {
             attributes.push(KeyValue::new("kubenurse.peer.node", peer.node.clone()));
@@ -165,10 +177,13 @@ impl ProbeSpans {
             Outcome::Response { status } => {
                 attributes.push(KeyValue::new("http.response.status_code", i64::from(*status)))
             }
+            Outcome::Reached => {}
             Outcome::Failed { phase, .. } => {
                 attributes.push(KeyValue::new("kubenurse.failed_phase", phase.label()));
-                attributes.push(KeyValue::new("error.type", phase.label()));
             }
+        }
+        if let Some(error_type) = result.error_type() {
+            attributes.push(KeyValue::new("error.type", error_type));
         }
         if let Some(event) = result.error_event() {
             attributes.push(KeyValue::new("kubenurse.error_event", event));

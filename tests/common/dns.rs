@@ -1,5 +1,5 @@
 //! A DNS server on loopback (UDP), answering each name as a test sets it: addresses,
-//! NXDOMAIN, SERVFAIL, or never. Names it was not told about are NXDOMAIN, so a search list
+//! NXDOMAIN, SERVFAIL, or never, alike for every record type or by type. Names it was not told about are NXDOMAIN, so a search list
 //! on the machine running the tests only adds a few refused names. Point an agent at it with
 //! [`DnsServer::flag`].
 
@@ -21,6 +21,8 @@ pub enum Answer {
     ServFail,
     /// The query is dropped: the resolver waits in vain.
     Silent,
+    /// A queries get the first answer, every other type the second.
+    ByType(Box<Answer>, Box<Answer>),
 }
 
 type Answers = Arc<Mutex<HashMap<String, Answer>>>;
@@ -85,7 +87,10 @@ async fn serve(socket: UdpSocket, answers: Answers, queries: Arc<Mutex<Vec<Strin
         let Some(query) = request.queries.first().cloned() else { continue };
         let name = normalize(&query.name().to_ascii());
         queries.lock().expect("queries").push(format!("{name} {}", query.query_type()));
-        let answer = answers.lock().expect("answers").get(&name).cloned().unwrap_or(Answer::NxDomain);
+        let mut answer = answers.lock().expect("answers").get(&name).cloned().unwrap_or(Answer::NxDomain);
+        if let Answer::ByType(a, other) = answer {
+            answer = if query.query_type() == RecordType::A { *a } else { *other };
+        }
 
         let mut response = Message::response(request.metadata.id, request.metadata.op_code);
         response.metadata.message_type = MessageType::Response;
@@ -93,7 +98,7 @@ async fn serve(socket: UdpSocket, answers: Answers, queries: Arc<Mutex<Vec<Strin
         response.metadata.recursion_available = true;
         response.add_query(query.clone());
         match answer {
-            Answer::Silent => continue,
+            Answer::Silent | Answer::ByType(..) => continue,
             Answer::NxDomain => response.metadata.response_code = ResponseCode::NXDomain,
             Answer::ServFail => response.metadata.response_code = ResponseCode::ServFail,
             Answer::Addresses(addrs) => {
