@@ -158,14 +158,12 @@ impl Inner {
             }
         };
         result.map_err(|status| {
-            let mut text = format!("gRPC status {:?}", status.code());
-            if !status.message().is_empty() {
-                text.push_str(&format!(": {}", status.message()));
-            }
-            if let Some(source) = std::error::Error::source(&status) {
-                text.push_str(&format!(": {}", chain(source)));
-            }
-            text
+            // A transport failure's message already names its cause.
+            let cause = match std::error::Error::source(&status) {
+                Some(source) if status.message().is_empty() => chain(source),
+                _ => status.message().to_owned(),
+            };
+            explain(format!("gRPC status {:?}: {cause}", status.code()))
         })
     }
 
@@ -194,7 +192,7 @@ impl Inner {
             body = gzip(&body).map_err(|e| format!("compressing the export: {e}"))?;
         }
         let request = request.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
-        let answer = client.request(request).await.map_err(|e| chain(&e))?;
+        let answer = client.request(request).await.map_err(|e| explain(chain(&e)))?;
         let status = answer.status();
         // Read the (small) answer so that the connection can be reused.
         let _ = Limited::new(answer.into_body(), MAX_ANSWER).collect().await;
@@ -204,6 +202,18 @@ impl Inner {
             Err(format!("collector answered HTTP {status}"))
         }
     }
+}
+
+/// Adds what to check to the TLS failures an operator can fix.
+fn explain(mut error: String) -> String {
+    if error.contains("UnknownIssuer") || error.contains("BadSignature") {
+        error.push_str(" (the collector's certificate is not signed by a CA in OTEL_EXPORTER_OTLP_CERTIFICATE, or in the system roots when that is unset)");
+    } else if error.contains("NotValidForName") {
+        error.push_str(" (the endpoint's host name is not in the collector's certificate)");
+    } else if error.contains("CertificateRequired") || error.contains("certificate required") {
+        error.push_str(" (the collector requires a client certificate: OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY)");
+    }
+    error
 }
 
 fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
