@@ -221,3 +221,51 @@ async fn a_wrong_ca_is_one_clear_log_line_and_once_fixed_nothing_was_lost() {
     assert_eq!(stderr.lines().filter(|l| l.contains("reloaded changed certificate files")).count(), 1, "{stderr}");
     assert_eq!(stderr.lines().filter(|l| l.contains("OTLP export failed")).count(), 1, "{stderr}");
 }
+
+/// Files that cannot work stop the agent at start, exit 64, naming the variable.
+#[test]
+fn unusable_tls_files_are_a_configuration_error() {
+    let ca = TestCa::new("collector ca");
+    let (cert, _) = ca.leaf_pem(&["kubenurse"]);
+    let (_, other_key) = ca.leaf_pem(&["kubenurse"]);
+    let dir = tempfile::tempdir().expect("dir");
+    let write = |name: &str, content: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).expect("write");
+        path.display().to_string()
+    };
+    let (garbage, cert, other_key, ca_file) =
+        (write("garbage", "not pem"), write("cert", &cert), write("key", &other_key), write("ca", &ca.cert_pem));
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("OTEL_EXPORTER_OTLP_CERTIFICATE", &garbage)], "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        (
+            &[("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "/nonexistent/ca.pem")],
+            "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE",
+        ),
+        (
+            &[("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert), ("OTEL_EXPORTER_OTLP_CLIENT_KEY", &other_key)],
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        ),
+        (
+            &[("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca_file), ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert)],
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        ),
+    ];
+    for (env, variable) in cases {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_kubenurse"))
+            .env_clear()
+            .envs([
+                ("KUBENURSE_LISTEN_ADDR", "127.0.0.1:0"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:1"),
+                ("OTEL_TRACES_EXPORTER", "none"),
+            ])
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{env:?}: {stderr}");
+        let line = stderr.lines().find(|l| l.starts_with("invalid configuration:")).unwrap_or_default();
+        assert!(line.contains(variable), "{env:?}: {stderr}");
+    }
+}

@@ -111,15 +111,21 @@ pub fn probe_tls(
     Ok(ProbeTls { verified, general })
 }
 
-/// Client TLS for an OTLP exporter: the CA file (re-read when it changes) or the system
-/// roots, and the client certificate (re-read too) for mTLS. `alpn` is `h2` for gRPC.
-pub fn otlp_client_config(tls: &ExportTls, alpn: &[u8], reloader: &mut Reloader) -> Result<ClientConfig, TlsError> {
+/// Client TLS for an OTLP exporter (`name` in logs): the CA file (re-read when it changes)
+/// or the system roots, and the client certificate (re-read too) for mTLS. `alpn` is `h2`
+/// for gRPC.
+pub fn otlp_client_config(
+    name: &str,
+    tls: &ExportTls,
+    alpn: &[u8],
+    reloader: &mut Reloader,
+) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let trust = match &tls.certificate {
         Some(file) => {
             let path = file.path.clone();
             let verifier_provider = provider.clone();
-            reloader.watch("OTLP CA certificate", vec![File::required(&file.path)], move |contents| {
+            reloader.watch(format!("{name} CA certificate"), vec![File::required(&file.path)], move |contents| {
                 let mut roots = RootCertStore::empty();
                 let (added, _) = roots.add_parsable_certificates(parse_certs(&path, content(contents, 0))?);
                 if added == 0 {
@@ -136,7 +142,7 @@ pub fn otlp_client_config(tls: &ExportTls, alpn: &[u8], reloader: &mut Reloader)
     };
     let client = match &tls.client {
         Some((cert, key)) => Some(Arc::new(CertifiedKeys(certified_key(
-            "OTLP client certificate",
+            format!("{name} client certificate"),
             &cert.path,
             &key.path,
             &provider,
@@ -179,7 +185,7 @@ fn client_config(
 
 /// A certificate chain and its key, checked to belong together, watched by `reloader`.
 fn certified_key(
-    what: &'static str,
+    what: impl Into<String>,
     cert_file: &Path,
     key_file: &Path,
     provider: &Arc<CryptoProvider>,

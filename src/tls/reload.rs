@@ -60,7 +60,7 @@ pub type Contents = [Option<Vec<u8>>];
 type Apply = Box<dyn Fn(&Contents) -> Result<(), TlsError> + Send>;
 
 struct Entry {
-    what: &'static str,
+    what: String,
     files: Vec<File>,
     /// Digest of the contents in use.
     current: [u8; 32],
@@ -82,7 +82,7 @@ impl Reloader {
 
     /// Loads `files` through `load` now (its error, or a read error, is returned), and again
     /// whenever their content changes while [`Reloader::run`] runs.
-    pub fn watch<T, F>(&mut self, what: &'static str, files: Vec<File>, load: F) -> Result<Arc<Swap<T>>, TlsError>
+    pub fn watch<T, F>(&mut self, what: impl Into<String>, files: Vec<File>, load: F) -> Result<Arc<Swap<T>>, TlsError>
     where
         T: Send + Sync + 'static,
         F: Fn(&Contents) -> Result<T, TlsError> + Send + 'static,
@@ -91,7 +91,7 @@ impl Reloader {
         let swap = Arc::new(Swap::fixed(load(&contents)?));
         let target = swap.clone();
         self.entries.push(Entry {
-            what,
+            what: what.into(),
             current: digest(&contents),
             files,
             reported: None,
@@ -161,11 +161,11 @@ impl Reloader {
                 Ok(()) => {
                     entry.current = seen;
                     entry.reported = None;
-                    tracing::info!(what = entry.what, files = ?files, "reloaded changed certificate files");
+                    tracing::info!(what = %entry.what, files = ?files, "reloaded changed certificate files");
                 }
                 Err(e) => {
                     entry.reported = Some(seen);
-                    tracing::warn!(what = entry.what, files = ?files, error = %e, "changed certificate files are not usable; keeping the previous ones");
+                    tracing::warn!(what = %entry.what, files = ?files, error = %e, "changed certificate files are not usable; keeping the previous ones");
                 }
             }
         }

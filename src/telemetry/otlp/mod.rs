@@ -50,15 +50,16 @@ fn client(
     let tls = match &export.tls {
         Some(tls) => {
             let alpn: &[u8] = if export.protocol == Protocol::Grpc { b"h2" } else { b"http/1.1" };
-            let config = crate::tls::otlp_client_config(tls, alpn, reloader).map_err(|e| {
-                // Name the variable of the file at fault.
-                let files = tls.certificate.iter().chain(tls.client.iter().flat_map(|(c, k)| [c, k]));
-                let file = files.clone().find(|f| Some(f.path.as_path()) == e.path()).or(files.clone().next());
-                match file {
-                    Some(f) => ConfigError::new(&f.variable, f.path.display().to_string(), e.to_string()),
-                    None => ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", export.endpoint.clone(), e.to_string()),
-                }
-            })?;
+            let config = crate::tls::otlp_client_config(&format!("OTLP {}", signal.name()), tls, alpn, reloader)
+                .map_err(|e| {
+                    // Name the variable of the file at fault.
+                    let files = tls.certificate.iter().chain(tls.client.iter().flat_map(|(c, k)| [c, k]));
+                    let file = files.clone().find(|f| Some(f.path.as_path()) == e.path()).or(files.clone().next());
+                    match file {
+                        Some(f) => ConfigError::new(&f.variable, f.path.display().to_string(), e.to_string()),
+                        None => ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", export.endpoint.clone(), e.to_string()),
+                    }
+                })?;
             Some(config)
         }
         None => None,

@@ -43,6 +43,8 @@ pub enum BuildError {
     Endpoint(String),
     #[error("header {0:?} is not a valid header")]
     Header(String),
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
 }
 
 /// Sends requests to one collector endpoint; cheap to clone.
@@ -74,14 +76,13 @@ impl Client {
         connect.set_nodelay(true);
         connect.set_connect_timeout(Some(export.timeout));
         // An `http://` endpoint never reaches the TLS half, which then needs no trust.
-        let tls = tls.unwrap_or_else(|| {
-            ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map(|b| b.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth())
-                .unwrap_or_else(|_| {
-                    ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
-                })
-        });
+        let tls = match tls {
+            Some(tls) => tls,
+            None => ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        };
         let connector = HttpsConnector::from((connect, tls));
         let transport = match export.protocol {
             Protocol::Grpc => {
