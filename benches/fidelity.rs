@@ -91,7 +91,9 @@ fn main() {
     let (samples, window) = if full { (3000, Duration::from_secs(10)) } else { (30, Duration::from_millis(500)) };
     let addr = target_server();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-    let tls = kubenurse::tls::probe_tls(Path::new("/nonexistent/ca.crt"), None, false).expect("tls");
+    let tls =
+        kubenurse::tls::probe_tls(Path::new("/nonexistent/ca.crt"), None, false, &mut kubenurse::tls::Reloader::new())
+            .expect("tls");
     let prober = Prober::new(ProberSettings {
         tls,
         resolver: Resolver::new(b"", b"", None).expect("resolver"),

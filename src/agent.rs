@@ -43,7 +43,7 @@ pub enum StartError {
 impl StartError {
     /// Operator input is at fault (exit 64) rather than the environment.
     pub fn is_config(&self) -> bool {
-        matches!(self, StartError::Config(_))
+        matches!(self, StartError::Config(_) | StartError::Telemetry(telemetry::TelemetryError::Config(_)))
     }
 }
 
@@ -62,6 +62,7 @@ pub struct Bound {
     pub local_addr: SocketAddr,
     secure: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     pub tls_local_addr: Option<SocketAddr>,
+    reloader: tls::Reloader,
 }
 
 /// A started agent.
@@ -88,20 +89,30 @@ impl Agent {
     pub async fn bind(config: Config) -> Result<Bound, StartError> {
         config.validate()?;
         let pod_name = config.pod_name.clone().unwrap_or_else(hostname);
-        let probe_tls =
-            tls::probe_tls(&config.service_account_dir.join("ca.crt"), config.extra_ca.as_deref(), config.insecure)
-                .map_err(|e| match e.path() {
-                    // The service-account `ca.crt` is at fault, not the extra CA.
-                    Some(path) if Some(path) != config.extra_ca.as_deref() => {
-                        ConfigError::new("KUBENURSE_SERVICE_ACCOUNT_DIR", path.display().to_string(), e.to_string())
-                    }
-                    _ => ConfigError::new("KUBENURSE_EXTRA_CA", display_path(&config.extra_ca), e.to_string()),
-                })?;
+        let mut reloader = tls::Reloader::new();
+        let probe_tls = tls::probe_tls(
+            &config.service_account_dir.join("ca.crt"),
+            config.extra_ca.as_deref(),
+            config.insecure,
+            &mut reloader,
+        )
+        .map_err(|e| match e.path() {
+            // The service-account `ca.crt` is at fault, not the extra CA.
+            Some(path) if Some(path) != config.extra_ca.as_deref() => {
+                ConfigError::new("KUBENURSE_SERVICE_ACCOUNT_DIR", path.display().to_string(), e.to_string())
+            }
+            _ => ConfigError::new("KUBENURSE_EXTRA_CA", display_path(&config.extra_ca), e.to_string()),
+        })?;
         let server_tls = match (&config.cert_file, &config.cert_key) {
-            (Some(cert), Some(key)) if config.use_tls => Some(
-                tls::server_config(cert, key)
-                    .map_err(|e| ConfigError::new("KUBENURSE_CERT_FILE", cert.display().to_string(), e.to_string()))?,
-            ),
+            (Some(cert), Some(key)) if config.use_tls => {
+                Some(tls::server_config(cert, key, &mut reloader).map_err(|e| {
+                    let (variable, path) = match e.path() {
+                        Some(path) if path == key.as_path() => ("KUBENURSE_CERT_KEY", key),
+                        _ => ("KUBENURSE_CERT_FILE", cert),
+                    };
+                    ConfigError::new(variable, path.display().to_string(), e.to_string())
+                })?)
+            }
             _ => None,
         };
 
@@ -111,7 +122,7 @@ impl Agent {
 
         let incoming = Arc::new(IncomingChecks::default());
         let resource = telemetry::resource(&config, &pod_name, namespace.as_deref());
-        let push = telemetry::metric_push(&config.otel)?.map(|push| Push {
+        let push = telemetry::metric_push(&config.otel, &mut reloader)?.map(|push| Push {
             readers: Box::new(move || push.reader()),
             exponential_histograms: config.otel.otlp_histogram == OtlpHistogram::Exponential,
         });
@@ -120,7 +131,7 @@ impl Agent {
                 .with_detail(config.metrics_detail)
                 .with_series_reset(config.series_reset_interval),
         );
-        let tracer = telemetry::tracer_provider(&config.otel, resource)?;
+        let tracer = telemetry::tracer_provider(&config.otel, resource, &mut reloader)?;
         let spans = tracer.as_ref().map(|t| Arc::new(ProbeSpans::new(t, config.slow_threshold)));
         let targets = Targets::from_config(&config);
         for s in targets.skipped() {
@@ -165,6 +176,7 @@ impl Agent {
             local_addr,
             secure,
             tls_local_addr,
+            reloader,
         })
     }
 }
@@ -212,7 +224,10 @@ impl Bound {
             tokio::spawn(listener::serve(self.plain, None, app.clone(), connections.clone(), serving_rx.clone())),
         ];
         if let Some((l, acceptor)) = self.secure {
-            tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, connections, serving_rx)));
+            tasks.push(tokio::spawn(listener::serve(l, Some(acceptor), app, connections, serving_rx.clone())));
+        }
+        if !self.reloader.is_empty() && !self.config.reload_interval.is_zero() {
+            tasks.push(tokio::spawn(self.reloader.run(self.config.reload_interval, serving_rx)));
         }
         tracing::info!(local_addr = %self.local_addr, tls = ?self.tls_local_addr, "kubenurse started");
         Agent {

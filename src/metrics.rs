@@ -490,7 +490,7 @@ impl Generation {
         providers.insert(0, main.build());
         let instruments: Vec<Instruments> = providers
             .iter()
-            .map(|p| Instruments::new(&p.meter("kubenurse"), &build.buckets, build.incoming.clone()))
+            .map(|p| Instruments::new(&p.meter_with_scope(scope()), &build.buckets, build.incoming.clone()))
             .collect();
         // Overflow counters start at zero, so the first overflow shows in `increase()`.
         for i in &instruments {
@@ -498,7 +498,7 @@ impl Generation {
                 i.overflow.add(0, &[KeyValue::new("metric", metric.prometheus_name())]);
             }
         }
-        let build_info = providers.iter().map(|p| build_info(&p.meter("kubenurse"))).collect();
+        let build_info = providers.iter().map(|p| build_info(&p.meter_with_scope(scope()))).collect();
         Ok(Self { providers, registry, instruments, _build_info: build_info, book: Mutex::default() })
     }
 
@@ -547,6 +547,11 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.live.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// The instrumentation scope of every instrument: the agent, with its version.
+fn scope() -> opentelemetry::InstrumentationScope {
+    opentelemetry::InstrumentationScope::builder("kubenurse").with_version(env!("CARGO_PKG_VERSION")).build()
 }
 
 /// The view of the push-only provider: histograms become base-2 exponential.

@@ -316,7 +316,7 @@ fn agent_pushes_to_the_collector_service_receiver() {
     let endpoint = env_value(container, "OTEL_EXPORTER_OTLP_ENDPOINT").expect("OTEL_EXPORTER_OTLP_ENDPOINT is set");
     let protocol = env_value(container, "OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or("http/protobuf");
     let (scheme, name, namespace, port) = service_url(endpoint);
-    assert_eq!(scheme, "http", "the agent's OTLP exporters speak plain http://");
+    assert_eq!(scheme, "http", "the bundled collector's receivers have no TLS");
     let service = find(&docs, "Service", &namespace, &name);
     let (container_port, kind) = service_target(&docs, service, port);
     assert_eq!(kind, "Deployment", "{endpoint} leads to the collector Deployment");

@@ -186,6 +186,12 @@ async fn grpc_push_carries_names_units_labels_buckets_and_resource() {
     ] {
         assert_eq!(resource.get(k).map(String::as_str), Some(v), "resource {k}: {resource:?}");
     }
+    // The SDK's own attributes, and the instrumentation scope with its version.
+    assert_eq!(resource.get("telemetry.sdk.language").map(String::as_str), Some("rust"), "{resource:?}");
+    assert_eq!(resource.get("telemetry.sdk.name").map(String::as_str), Some("opentelemetry"), "{resource:?}");
+    assert!(resource.contains_key("telemetry.sdk.version"), "{resource:?}");
+    let scope = request.resource_metrics[0].scope_metrics[0].scope.as_ref().expect("scope");
+    assert_eq!((scope.name.as_str(), scope.version.as_str()), ("kubenurse", env!("CARGO_PKG_VERSION")));
     // Transport: gzip and the configured headers on every export.
     let arrivals = receiver.arrivals();
     assert!(arrivals.iter().all(|a| a.compressed), "not gzip-compressed");

@@ -245,6 +245,10 @@ pub struct Config {
     /// restarting every series, at most this often; 0s keeps them until the agent restarts.
     #[arg(long, env = "KUBENURSE_SERIES_RESET_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub series_reset_interval: Duration,
+    /// How often the certificate files (TLS listener, `KUBENURSE_EXTRA_CA`, service-account
+    /// `ca.crt`, OTLP certificates) are checked for new content; 0s reads them once at start.
+    #[arg(long, env = "KUBENURSE_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
     /// Log format.
     #[arg(long, env = "KUBENURSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -365,6 +369,7 @@ impl Config {
             ("KUBENURSE_SLOW_THRESHOLD", self.slow_threshold),
             ("KUBENURSE_DISCOVERY_BACKOFF_BASE", self.discovery_backoff_base),
             ("KUBENURSE_DISCOVERY_BACKOFF_MAX", self.discovery_backoff_max),
+            ("KUBENURSE_RELOAD_INTERVAL", self.reload_interval),
         ];
         for (variable, value) in durations {
             if value > MAX_DURATION {
@@ -409,6 +414,7 @@ impl Config {
         if let Some(name) = &self.node_name {
             check_name("KUBENURSE_NODE_NAME", name)?;
         }
+        self.otel.validate()?;
         if let Some(host) = &self.kubernetes_service_host {
             if host.is_empty() || host.contains(['/', ' ']) {
                 return Err(ConfigError::new("KUBERNETES_SERVICE_HOST", host.clone(), "not a host name or IP address"));
@@ -495,7 +501,7 @@ fn check_label(variable: &str, name: &str) -> Result<(), ConfigError> {
 
 /// `true`/`false` (and `1`/`0`, `yes`/`no`), case-insensitive, like Go's `strconv.ParseBool`
 /// plus the common shell spellings.
-fn parse_bool(s: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "true" | "t" | "1" | "yes" | "y" | "on" => Ok(true),
         "false" | "f" | "0" | "no" | "n" | "off" => Ok(false),

@@ -16,7 +16,7 @@ pub use spans::ProbeSpans;
 /// The OpenTelemetry SDK reports export failures through its own logs every interval, and
 /// kube logs every refused or failed request of a watch; the agent summarises both itself
 /// (see `otlp` and `discovery`), rate-limited, so theirs are off unless `RUST_LOG` asks.
-const QUIET_SDK: &str = "opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,opentelemetry_prometheus=off,\
+const QUIET_SDK: &str = "opentelemetry=off,opentelemetry_sdk=off,opentelemetry_prometheus=off,\
 kube_runtime::watcher=error,kube_client::client::builder=off";
 
 /// Installs the log subscriber: `RUST_LOG` filtering (else `default_level`), text or JSON lines.
@@ -30,8 +30,9 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
     };
 }
 
-/// Who this agent is, as resource attributes: its own identity, then
-/// `OTEL_RESOURCE_ATTRIBUTES`, then `OTEL_SERVICE_NAME` (later ones win).
+/// Who this agent is, as resource attributes: the SDK's `telemetry.sdk.*`, its own identity,
+/// then `OTEL_RESOURCE_ATTRIBUTES`, then `OTEL_SERVICE_NAME` (later ones win). The SDK's
+/// environment detector is not used: those variables come through the configuration.
 pub fn resource(config: &Config, pod_name: &str, namespace: Option<&str>) -> Resource {
     let mut attributes = vec![
         KeyValue::new("service.name", "kubenurse"),
@@ -54,5 +55,8 @@ pub fn resource(config: &Config, pod_name: &str, namespace: Option<&str>) -> Res
     if let Some(name) = &config.otel.service_name {
         attributes.push(KeyValue::new("service.name", name.clone()));
     }
-    Resource::builder_empty().with_attributes(attributes).build()
+    Resource::builder_empty()
+        .with_detector(Box::new(opentelemetry_sdk::resource::TelemetryResourceDetector))
+        .with_attributes(attributes)
+        .build()
 }

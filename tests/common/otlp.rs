@@ -41,6 +41,9 @@ struct Shared {
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Metric exports that arrived at the HTTP receiver, answered or not.
     received: Arc<std::sync::atomic::AtomicUsize>,
+    /// TLS receivers: handshakes begun, and those that failed.
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    failed_handshakes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -115,9 +118,80 @@ fn decompress(headers: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// A TLS connection as the gRPC server takes it.
+struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Shared {
+    /// The TLS handshake of an accepted connection, counted.
+    async fn handshake(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        tcp: tokio::net::TcpStream,
+    ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        self.handshakes.fetch_add(1, Ordering::SeqCst);
+        let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+        match handshake {
+            Ok(Ok(tls)) => Some(tls),
+            _ => {
+                self.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+        }
+    }
+}
+
 impl OtlpReceiver {
     /// gRPC receiver on `addr` (port 0 for any).
     pub async fn grpc(addr: SocketAddr) -> OtlpReceiver {
+        Self::grpc_with(addr, None).await
+    }
+
+    /// gRPC receiver on `addr` behind TLS with `tls` (ALPN `h2` is added).
+    pub async fn grpc_tls(addr: SocketAddr, mut tls: rustls::ServerConfig) -> OtlpReceiver {
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        Self::grpc_with(addr, Some(tls)).await
+    }
+
+    async fn grpc_with(addr: SocketAddr, tls: Option<rustls::ServerConfig>) -> OtlpReceiver {
         use tonic::codec::CompressionEncoding::Gzip;
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind grpc receiver");
         let addr = listener.local_addr().expect("addr");
@@ -125,15 +199,43 @@ impl OtlpReceiver {
         let server = tonic::transport::Server::builder()
             .add_service(MetricsServiceServer::new(shared.clone()).accept_compressed(Gzip))
             .add_service(TraceServiceServer::new(shared.clone()).accept_compressed(Gzip));
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        let task = tokio::spawn(async move {
-            let _ = server.serve_with_incoming(incoming).await;
-        });
+        let task = match tls {
+            None => {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                tokio::spawn(async move {
+                    let _ = server.serve_with_incoming(incoming).await;
+                })
+            }
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+                let state = (listener, acceptor, shared.clone());
+                let incoming = futures::stream::unfold(state, |(listener, acceptor, shared)| async move {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else { continue };
+                        if let Some(tls) = shared.handshake(&acceptor, tcp).await {
+                            return Some((Ok::<_, std::io::Error>(TlsIo(tls)), (listener, acceptor, shared)));
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = server.serve_with_incoming(incoming).await;
+                })
+            }
+        };
         OtlpReceiver { addr, shared, task }
     }
 
     /// HTTP/protobuf receiver on `addr` (`/v1/metrics`, `/v1/traces`).
     pub async fn http(addr: SocketAddr) -> OtlpReceiver {
+        Self::http_with(addr, None).await
+    }
+
+    /// HTTP/protobuf receiver on `addr` behind TLS with `tls`.
+    pub async fn http_tls(addr: SocketAddr, tls: rustls::ServerConfig) -> OtlpReceiver {
+        Self::http_with(addr, Some(tls)).await
+    }
+
+    async fn http_with(addr: SocketAddr, tls: Option<rustls::ServerConfig>) -> OtlpReceiver {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind http receiver");
         let addr = listener.local_addr().expect("addr");
         let shared = Shared::default();
@@ -177,14 +279,26 @@ impl OtlpReceiver {
                     StatusCode::OK
                 }),
             );
+        let acceptor = tls.map(|tls| tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
+        let accepting = shared.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let acceptor = acceptor.clone();
+                let shared = accepting.clone();
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        None => {
+                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Some(tls) = shared.handshake(&acceptor, stream).await {
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -193,6 +307,16 @@ impl OtlpReceiver {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The `https://` endpoint, by `host` (the certificate's name) and the receiver's port.
+    pub fn tls_endpoint(&self, host: &str) -> String {
+        format!("https://{host}:{}", self.addr.port())
+    }
+
+    /// TLS handshakes begun so far, and how many of them failed.
+    pub fn handshakes(&self) -> (usize, usize) {
+        (self.shared.handshakes.load(Ordering::SeqCst), self.shared.failed_handshakes.load(Ordering::SeqCst))
     }
 
     pub fn set_rejecting(&self, reject: bool) {

@@ -161,6 +161,24 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A server configuration for `names` that requires a client certificate signed by
+    /// `clients`.
+    pub fn server_config_requiring_clients(&self, names: &[&str], clients: &TestCa) -> rustls::ServerConfig {
+        use rustls::pki_types::pem::PemObject;
+        let (cert, key) = self.leaf_pem(names);
+        let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert")];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(clients.cert_pem.as_bytes()).expect("ca"))
+            .expect("root");
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().expect("verifier");
+        rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .expect("server config")
+    }
+
     pub fn server_config(&self, names: &[&str]) -> rustls::ServerConfig {
         use rustls::pki_types::pem::PemObject;
         let (cert, key) = self.leaf_pem(names);

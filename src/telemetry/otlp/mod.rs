@@ -1,13 +1,17 @@
-//! OTLP exporters for metrics and traces, built from the resolved configuration, wrapped so
+//! OTLP exporters for metrics and traces, built from the resolved configuration alone, wrapped so
 //! that a collector that is down, slow or rejecting is reported in a few log lines, not one
 //! per interval.
 
-use std::collections::HashMap;
+mod transport;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, Temporality};
@@ -16,9 +20,12 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 
-use crate::config::otel::{Compression, OtelConfig, Protocol, Signal, SignalExport, TemporalityPreference};
+use crate::config::otel::{OtelConfig, Protocol, Signal, SignalExport, TemporalityPreference};
+use crate::config::ConfigError;
 use crate::ratelimit::FailureStreak;
 use crate::sync::lock;
+use crate::tls::Reloader;
+use transport::{Client, Payload};
 
 /// The reader that pushes metrics.
 pub type PushReader = PeriodicReader<SharedExporter<Logged<MetricExporter>>>;
@@ -26,42 +33,43 @@ pub type PushReader = PeriodicReader<SharedExporter<Logged<MetricExporter>>>;
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("cannot build the OTLP {signal} exporter for {endpoint}: {source}")]
-    Build { signal: &'static str, endpoint: String, source: opentelemetry_otlp::ExporterBuildError },
-    #[error("OTLP header {0:?} is not a valid header")]
-    Header(String),
+    Build { signal: &'static str, endpoint: String, source: transport::BuildError },
+    /// Operator input is at fault: a value or a file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
-/// Builds an OTLP exporter (metric or span builder) for `export`'s protocol, endpoint,
-/// deadline, headers and compression.
-macro_rules! build_exporter {
-    ($builder:expr, $export:expr) => {{
-        let export: &SignalExport = $export;
-        let gzip = export.compression == Compression::Gzip;
-        match export.protocol {
-            Protocol::Grpc => {
-                let b = $builder.with_tonic().with_endpoint(&export.endpoint).with_timeout(export.timeout);
-                let b = b.with_metadata(metadata(export)?);
-                if gzip {
-                    b.with_compression(opentelemetry_otlp::Compression::Gzip).build()
-                } else {
-                    b.build()
-                }
-            }
-            Protocol::HttpProtobuf => {
-                let b = $builder
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(&export.endpoint)
-                    .with_timeout(export.timeout)
-                    .with_headers(headers(export));
-                if gzip {
-                    b.with_compression(opentelemetry_otlp::Compression::Gzip).build()
-                } else {
-                    b.build()
-                }
-            }
+/// The OTLP client of `signal`, when it is exported: its TLS files are loaded (and watched by
+/// `reloader`) here.
+fn client(
+    config: &OtelConfig,
+    signal: Signal,
+    reloader: &mut Reloader,
+) -> Result<Option<(SignalExport, Client)>, TelemetryError> {
+    let Some(export) = config.signal(signal)? else { return Ok(None) };
+    let tls = match &export.tls {
+        Some(tls) => {
+            let alpn: &[u8] = if export.protocol == Protocol::Grpc { b"h2" } else { b"http/1.1" };
+            let config = crate::tls::otlp_client_config(&format!("OTLP {}", signal.name()), tls, alpn, reloader)
+                .map_err(|e| {
+                    // Name the variable of the file at fault.
+                    let files = tls.certificate.iter().chain(tls.client.iter().flat_map(|(c, k)| [c, k]));
+                    let file = files.clone().find(|f| Some(f.path.as_path()) == e.path()).or(files.clone().next());
+                    match file {
+                        Some(f) => ConfigError::new(&f.variable, f.path.display().to_string(), e.to_string()),
+                        None => ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", export.endpoint.clone(), e.to_string()),
+                    }
+                })?;
+            Some(config)
         }
-    }};
+        None => None,
+    };
+    let client = Client::new(&export, tls).map_err(|source| TelemetryError::Build {
+        signal: signal.name(),
+        endpoint: export.endpoint.clone(),
+        source,
+    })?;
+    Ok(Some((export, client)))
 }
 
 /// Makes the metric push readers: one per metrics generation (see `metrics`), so that the
@@ -79,23 +87,73 @@ impl MetricPush {
     }
 }
 
-/// The metric push, when metrics are pushed. Must run inside the Tokio runtime (gRPC).
-pub fn metric_push(config: &OtelConfig) -> Result<Option<MetricPush>, TelemetryError> {
-    let Some(export) = config.signal(Signal::Metrics) else { return Ok(None) };
+/// The metric push, when metrics are pushed. Must run inside the Tokio runtime, which then
+/// carries every export.
+pub fn metric_push(config: &OtelConfig, reloader: &mut Reloader) -> Result<Option<MetricPush>, TelemetryError> {
+    let Some((export, client)) = client(config, Signal::Metrics, reloader)? else { return Ok(None) };
     let temporality = match config.temporality {
         TemporalityPreference::Cumulative => Temporality::Cumulative,
         TemporalityPreference::Delta => Temporality::Delta,
         TemporalityPreference::LowMemory => Temporality::LowMemory,
     };
-    let built = build_exporter!(MetricExporter::builder().with_temporality(temporality), &export);
-    let exporter = built.map_err(|source| TelemetryError::Build {
-        signal: "metrics",
-        endpoint: export.endpoint.clone(),
-        source,
-    })?;
     tracing::info!(endpoint = %export.endpoint, protocol = ?export.protocol, interval = ?config.metric_export_interval, "pushing metrics over OTLP");
-    let exporter = Arc::new(Logged::new(exporter, "metrics"));
+    let exporter = Arc::new(Logged::new(MetricExporter { client, temporality }, "metrics"));
     Ok(Some(MetricPush { exporter, interval: config.metric_export_interval }))
+}
+
+/// Sends metric exports to the collector.
+pub struct MetricExporter {
+    client: Client,
+    temporality: Temporality,
+}
+
+impl PushMetricExporter for MetricExporter {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let request = ExportMetricsServiceRequest::from(metrics);
+        self.client.send(Payload::Metrics(request)).await.map_err(OTelSdkError::InternalFailure)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.temporality
+    }
+}
+
+/// Sends span batches to the collector.
+struct SpanExporter {
+    client: Client,
+    resource: ResourceAttributesWithSchema,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for SpanExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let request =
+            ExportTraceServiceRequest { resource_spans: group_spans_by_resource_and_scope(batch, &self.resource) };
+        self.client.send(Payload::Traces(request)).await.map_err(OTelSdkError::InternalFailure)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = resource.into();
+    }
+}
+
+impl std::fmt::Debug for SpanExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanExporter").finish()
+    }
+}
+
+impl std::fmt::Debug for MetricExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricExporter").field("temporality", &self.temporality).finish()
+    }
 }
 
 /// The exporter as one generation's reader holds it. When that reader shuts down (its
@@ -123,15 +181,14 @@ impl<E: PushMetricExporter> PushMetricExporter for SharedExporter<E> {
 }
 
 /// The tracer provider for slow-probe spans, when traces are exported.
-pub fn tracer_provider(config: &OtelConfig, resource: Resource) -> Result<Option<SdkTracerProvider>, TelemetryError> {
-    let Some(export) = config.signal(Signal::Traces) else { return Ok(None) };
-    let built = build_exporter!(SpanExporter::builder(), &export);
-    let exporter = built.map_err(|source| TelemetryError::Build {
-        signal: "traces",
-        endpoint: export.endpoint.clone(),
-        source,
-    })?;
+pub fn tracer_provider(
+    config: &OtelConfig,
+    resource: Resource,
+    reloader: &mut Reloader,
+) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+    let Some((export, client)) = client(config, Signal::Traces, reloader)? else { return Ok(None) };
     tracing::info!(endpoint = %export.endpoint, protocol = ?export.protocol, "exporting slow-probe spans over OTLP");
+    let exporter = SpanExporter { client, resource: (&resource).into() };
     // The batch processor's queue is bounded (2,048 spans): a collector that is away drops
     // spans instead of growing memory.
     // Every setting is given here, so the SDK's own reading of OTEL_BSP_* and
@@ -150,21 +207,6 @@ pub fn tracer_provider(config: &OtelConfig, resource: Resource) -> Result<Option
             .with_span_processor(processor)
             .build(),
     ))
-}
-
-fn headers(export: &SignalExport) -> HashMap<String, String> {
-    export.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-}
-
-fn metadata(export: &SignalExport) -> Result<opentelemetry_otlp::tonic_types::metadata::MetadataMap, TelemetryError> {
-    let mut map = http::HeaderMap::new();
-    for (k, v) in &export.headers {
-        let name = http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
-            .map_err(|_| TelemetryError::Header(k.clone()))?;
-        let value = http::HeaderValue::from_str(v).map_err(|_| TelemetryError::Header(k.clone()))?;
-        map.insert(name, value);
-    }
-    Ok(opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map))
 }
 
 /// How often a continuing export failure is reported again.
