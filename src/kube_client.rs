@@ -67,9 +67,18 @@ async fn from_kubeconfig(paths: &Path) -> Result<kube::Config, ConfigError> {
             .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
         merged = merged.merge(file).map_err(|e| bad(format!("cannot merge {}: {e}", path.display())))?;
     }
-    kube::Config::from_custom_kubeconfig(merged, &kube::config::KubeConfigOptions::default())
+    // kube falls back to `HTTPS_PROXY` from the environment when the kubeconfig names no proxy;
+    // the agent's settings come from its configuration only, and it talks to the apiserver
+    // directly. A `proxy-url` in the kubeconfig itself is kept (and refused by the client,
+    // which is built without proxy support, with a clear error).
+    let names_a_proxy = merged.clusters.iter().any(|c| c.cluster.as_ref().is_some_and(|c| c.proxy_url.is_some()));
+    let mut config = kube::Config::from_custom_kubeconfig(merged, &kube::config::KubeConfigOptions::default())
         .await
-        .map_err(|e| bad(e.to_string()))
+        .map_err(|e| bad(e.to_string()))?;
+    if !names_a_proxy {
+        config.proxy_url = None;
+    }
+    Ok(config)
 }
 
 /// The in-cluster configuration; the token and the CA are checked here so that a broken
