@@ -28,6 +28,13 @@ fn main() {
 }
 
 async fn run(config: kubenurse::config::Config) -> i32 {
+    let signals = match shutdown::Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("cannot wait for signals: {e}");
+            return 1;
+        }
+    };
     let agent = match Agent::start(config).await {
         Ok(agent) => agent,
         Err(e) if e.is_config() => fail(&e.to_string()),
@@ -36,10 +43,7 @@ async fn run(config: kubenurse::config::Config) -> i32 {
             return 1;
         }
     };
-    if let Err(e) = shutdown::first_signal().await {
-        eprintln!("cannot wait for signals: {e}");
-        return 1;
-    }
+    signals.first().await;
     agent.shutdown().await;
     0
 }
