@@ -1,6 +1,7 @@
 //! Certificate files rotated under a running agent, laid out as Kubernetes mounts a Secret:
 //! the TLS listener serves the new certificate to new connections while open ones go on, the
-//! probes trust a rotated extra CA, and a broken update keeps the previous files, logged once.
+//! probes trust a rotated extra CA and a rotated service-account CA, and a broken update keeps
+//! the previous files, logged once.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::agent::{start, wait_report};
+use common::fake_apiserver::FakeApiServer;
 use common::process::{free_port, Spawned};
 use common::secret::SecretDir;
 use common::targets::{Target, TestCa};
@@ -137,5 +139,36 @@ async fn probes_trust_a_rotated_extra_ca() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let round = agent.reports().borrow().as_ref().map_or(0, |r| r.number);
     wait_report(&agent, "still trusted", |r| r.number > round + 2 && outcome(r).is_some_and(|(ok, _)| ok)).await;
+    agent.stop().await;
+}
+
+/// The service-account `ca.crt` rotates too (a cluster CA rotation): the apiserver probes,
+/// which always verify, trust the apiserver once the new CA is mounted, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_probes_trust_a_rotated_service_account_ca() {
+    let api = FakeApiServer::start().await;
+    let wrong_ca = TestCa::new("previous cluster ca");
+    let token = api.token();
+    let mut secret = SecretDir::new(&[("ca.crt", &wrong_ca.cert_pem), ("token", &token), ("namespace", "kubenurse")]);
+    let mut args = api.agent_args(secret.dir.path());
+    args.extend([
+        "--listen-addr=127.0.0.1:0".into(),
+        "--check-interval=100ms".into(),
+        "--check-timeout=2s".into(),
+        "--reload-interval=100ms".into(),
+        "--check-neighbourhood=false".into(),
+        "--allow-unschedulable=true".into(),
+    ]);
+    let agent = start(&args).await;
+    let outcome = |report: &kubenurse::scheduler::RoundReport| {
+        report.results.iter().find(|r| r.target.kind == "api_server_direct").map(|r| (r.is_ok(), r.summary()))
+    };
+    let report =
+        wait_report(&agent, "the apiserver is not trusted yet", |r| outcome(r).is_some_and(|(ok, _)| !ok)).await;
+    let (_, summary) = outcome(&report).expect("api_server_direct");
+    assert!(summary.contains("UnknownIssuer") || summary.contains("certificate"), "{summary}");
+
+    secret.update(&[("ca.crt", &api.ca_pem), ("token", &token), ("namespace", "kubenurse")]);
+    wait_report(&agent, "the apiserver is trusted after the rotation", |r| outcome(r).is_some_and(|(ok, _)| ok)).await;
     agent.stop().await;
 }
