@@ -9,6 +9,7 @@ pub mod agent;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod error_text;
 pub mod incoming;
 pub mod kube_client;
 pub mod listener;

@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 
 use super::backoff::Backoff;
 use super::{Collection, Discovery, Store};
+use crate::error_text::chain;
 use crate::kube_client::ApiAnswers;
 use crate::ratelimit::FailureStreak;
 
@@ -151,20 +152,6 @@ impl fmt::Display for Subject {
             None => f.write_str(&self.plural),
         }
     }
-}
-
-/// An error and its causes, `: `-separated (kube's transport errors hide the useful part).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Whether a watch is failing, and what that costs: the backoff and the log lines.

@@ -19,6 +19,7 @@ use super::model::{Event, FailedPhase};
 use super::recorder::Recorder;
 use super::resolve::Resolver;
 use super::Failure;
+use crate::error_text::chain;
 
 /// How long the first address family has before the other one is raced (RFC 8305), as Go's
 /// dialer waits.
@@ -102,21 +103,6 @@ pub(super) async fn handshake(
     };
     rec.mark(Event::TlsHandshakeDone);
     Ok(stream)
-}
-
-/// An error with its causes, `a: b: c`.
-pub(super) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The class of a failed connection: `refused` (nothing listens) or `unreachable` (no route).

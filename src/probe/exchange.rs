@@ -9,10 +9,10 @@ use http_body_util::{BodyExt, Empty, Limited};
 use tokio::time::{timeout_at, Instant};
 
 use super::connection::Connection;
-use super::dial::chain;
 use super::model::{Event, FailedPhase, Target};
 use super::recorder::Recorder;
 use super::Failure;
+use crate::error_text::chain;
 
 /// The header that tells a neighbour who probed it.
 pub const ORIGIN_HEADER: &str = "kubenurse-neighbour-origin";

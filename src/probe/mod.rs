@@ -32,6 +32,7 @@ use http::header::HeaderValue;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use crate::error_text::chain;
 use connection::{Connection, Io};
 use exchange::{exchange, Headers};
 use pool::Pool;
@@ -169,9 +170,7 @@ impl Prober {
             Box::new(tcp)
         };
         rec.mark(Event::GotConn);
-        Connection::open(io, self.pool.is_some())
-            .await
-            .map_err(|e| Failure::new(FailedPhase::RoundTrip, dial::chain(&e)))
+        Connection::open(io, self.pool.is_some()).await.map_err(|e| Failure::new(FailedPhase::RoundTrip, chain(&e)))
     }
 
     /// The token never travels unverified: a target that carries it is verified against the

@@ -74,7 +74,7 @@ pub fn probe_tls(
     reloader: &mut Reloader,
 ) -> Result<ProbeTls, TlsError> {
     let provider = provider();
-    let system = Arc::new(system_roots());
+    let system = system_roots();
     let mut files = vec![File::optional(service_account_ca)];
     files.extend(extra_ca.map(File::required));
     let (sa_path, extra_path) = (service_account_ca.to_owned(), extra_ca.map(Path::to_owned));
@@ -83,7 +83,10 @@ pub fn probe_tls(
         let mut roots = RootCertStore::empty();
         roots.add_parsable_certificates(system.iter().cloned());
         if let Some(bytes) = &contents[0] {
-            roots.add_parsable_certificates(parse_certs(&sa_path, bytes)?);
+            let (added, _) = roots.add_parsable_certificates(parse_certs(&sa_path, bytes)?);
+            if added == 0 {
+                return Err(TlsError::NoCerts { path: sa_path.clone() });
+            }
         }
         if let (Some(path), Some(Some(bytes))) = (&extra_path, contents.get(1)) {
             let (added, ignored) = roots.add_parsable_certificates(parse_certs(path, bytes)?);
@@ -101,7 +104,7 @@ pub fn probe_tls(
         let mut config = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            .with_custom_certificate_verifier(Arc::new(Fixed { provider, accept: true }))
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         config
@@ -136,7 +139,7 @@ pub fn otlp_client_config(
         }
         None => {
             let mut roots = RootCertStore::empty();
-            roots.add_parsable_certificates(system_roots());
+            roots.add_parsable_certificates(system_roots().iter().cloned());
             Arc::new(Swap::fixed(verifier(roots, &provider)?))
         }
     };
@@ -205,19 +208,30 @@ fn content(contents: &Contents, i: usize) -> &[u8] {
     contents.get(i).and_then(Option::as_deref).unwrap_or_default()
 }
 
-fn verifier(roots: RootCertStore, provider: &Arc<CryptoProvider>) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+/// Verifies against `roots`. With no roots at all (an image without a CA bundle, standalone,
+/// no extra CA) every certificate is refused as of an unknown issuer, at the handshake that
+/// needs one: plain-HTTP probes and exports still work, and start-up does not fail.
+fn verifier(roots: RootCertStore, provider: &Arc<CryptoProvider>) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    if roots.is_empty() {
+        return Ok(Arc::new(Fixed { provider: provider.clone(), accept: false }));
+    }
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    Ok(verifier)
 }
 
-/// The system's CA certificates (read once: they come with the image).
-fn system_roots() -> Vec<CertificateDer<'static>> {
-    let native = rustls_native_certs::load_native_certs();
-    for error in &native.errors {
-        tracing::debug!(error = %error, "skipping unreadable system certificate");
-    }
-    native.certs
+/// The system's CA certificates, read once (they come with the image) and shared by the
+/// probe trust and the OTLP exporters.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let native = rustls_native_certs::load_native_certs();
+        for error in &native.errors {
+            tracing::debug!(error = %error, "skipping unreadable system certificate");
+        }
+        native.certs
+    })
 }
 
 fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -232,7 +246,7 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 
 /// Verifies server certificates against the latest trust store.
 #[derive(Debug)]
-struct Trust(Arc<Swap<Arc<WebPkiServerVerifier>>>);
+struct Trust(Arc<Swap<Arc<dyn ServerCertVerifier>>>);
 
 impl ServerCertVerifier for Trust {
     fn verify_server_cert(
@@ -289,12 +303,16 @@ impl ResolvesClientCert for CertifiedKeys {
     }
 }
 
-/// `KUBENURSE_INSECURE=true`: accept any certificate, but still check handshake signatures
-/// so the connection is at least consistent.
+/// A verifier with a fixed answer that still checks handshake signatures, so a connection is
+/// at least consistent: `accept` for `KUBENURSE_INSECURE=true` (any certificate), refuse for a
+/// trust store without roots (no certificate can be verified).
 #[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
+struct Fixed {
+    provider: Arc<CryptoProvider>,
+    accept: bool,
+}
 
-impl ServerCertVerifier for NoVerification {
+impl ServerCertVerifier for Fixed {
     fn verify_server_cert(
         &self,
         _end_entity: &CertificateDer<'_>,
@@ -303,7 +321,11 @@ impl ServerCertVerifier for NoVerification {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        if self.accept {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        }
     }
 
     fn verify_tls12_signature(
@@ -312,7 +334,7 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -321,10 +343,27 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trust_store_without_roots_builds_and_refuses_every_certificate() {
+        let verifier = verifier(RootCertStore::empty(), &provider()).expect("no roots is not a start-up error");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let name = ServerName::try_from("localhost").expect("name");
+        let refused = verifier.verify_server_cert(cert.cert.der(), &[], &name, &[], UnixTime::now());
+        assert!(
+            matches!(refused, Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))),
+            "{refused:?}"
+        );
     }
 }

@@ -89,6 +89,8 @@ impl Reloader {
     {
         let contents = read(&files)?;
         let swap = Arc::new(Swap::fixed(load(&contents)?));
+        let mut files = files;
+        settle(&mut files, &contents);
         let target = swap.clone();
         self.entries.push(Entry {
             what: what.into(),
@@ -146,7 +148,11 @@ impl Reloader {
                     if entry.reported == Some(seen) {
                         continue;
                     }
-                    (seen, (entry.apply)(&contents))
+                    let outcome = (entry.apply)(&contents);
+                    if outcome.is_ok() {
+                        settle(&mut entry.files, &contents);
+                    }
+                    (seen, outcome)
                 }
                 Err(e) => {
                     let seen: [u8; 32] = Sha256::digest(e.to_string().as_bytes()).into();
@@ -169,6 +175,14 @@ impl Reloader {
                 }
             }
         }
+    }
+}
+
+/// An optional file may be absent at start (a standalone agent has no service-account
+/// `ca.crt`); once it has been in use, its disappearance is a broken update, not a change.
+fn settle(files: &mut [File], contents: &Contents) {
+    for (file, content) in files.iter_mut().zip(contents) {
+        file.optional &= content.is_none();
     }
 }
 
@@ -242,6 +256,9 @@ mod tests {
         std::fs::write(&optional, "now").expect("write");
         reloader.poll();
         assert_eq!(*value.get(), "now");
+        std::fs::remove_file(&optional).expect("remove");
+        reloader.poll();
+        assert_eq!(*value.get(), "now", "an optional file that was in use and went away is kept");
     }
 
     #[test]

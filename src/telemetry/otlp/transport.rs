@@ -25,6 +25,7 @@ use prost::Message;
 use rustls::ClientConfig;
 
 use crate::config::otel::{Compression, Protocol, SignalExport};
+use crate::error_text::chain;
 
 const AGENT: &str = concat!("kubenurse/", env!("CARGO_PKG_VERSION"));
 
@@ -222,19 +223,4 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     encoder.write_all(data)?;
     encoder.finish()
-}
-
-/// An error and its causes on one line (`error trying to connect: invalid peer certificate: UnknownIssuer`).
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        next = cause.source();
-    }
-    text
 }
