@@ -126,10 +126,18 @@ impl Agent {
             readers: Box::new(move || push.reader()),
             exponential_histograms: config.otel.otlp_histogram == OtlpHistogram::Exponential,
         });
+        // `cloud.availability_zone` in OTEL_RESOURCE_ATTRIBUTES is the operator's word: the
+        // zone discovery reads does not replace it on the resource.
+        let operator_zone = config
+            .otel
+            .resource_attributes
+            .as_ref()
+            .is_some_and(|attributes| attributes.0.contains_key(crate::metrics::ZONE_ATTRIBUTE));
         let metrics = Arc::new(
             Metrics::new(config.buckets(), resource.clone(), incoming.clone(), push)?
                 .with_detail(config.metrics_detail)
-                .with_series_reset(config.series_reset_interval),
+                .with_series_reset(config.series_reset_interval)
+                .with_zone_from_discovery(!operator_zone),
         );
         let tracer = telemetry::tracer_provider(&config.otel, resource, &mut reloader)?;
         let spans = tracer.as_ref().map(|t| Arc::new(ProbeSpans::new(t, config.slow_threshold)));

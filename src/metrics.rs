@@ -86,6 +86,8 @@ pub const REVISION: &str = match option_env!("KUBENURSE_REVISION") {
 pub struct Metrics {
     build: Build,
     detail: MetricsDetail,
+    /// The own zone goes on the resource when discovery reads it (unless configured there).
+    zone_from_discovery: bool,
     /// `None`: series stay until the agent restarts.
     reset_after: Option<Duration>,
     current: Mutex<Arc<Generation>>,
@@ -242,6 +244,7 @@ impl Metrics {
         Ok(Self {
             build,
             detail: MetricsDetail::Full,
+            zone_from_discovery: true,
             reset_after: Some(DEFAULT_SERIES_RESET),
             current: Mutex::new(Arc::new(first)),
             renewable_at: Mutex::new(Instant::now() + DEFAULT_SERIES_RESET),
@@ -254,6 +257,12 @@ impl Metrics {
     /// With [`MetricsDetail::Lean`], neighbour probes do not record per-event durations.
     pub fn with_detail(mut self, detail: MetricsDetail) -> Self {
         self.detail = detail;
+        self
+    }
+
+    /// With `false`, [`Self::set_own_zone`] leaves the resource as configured.
+    pub fn with_zone_from_discovery(mut self, enabled: bool) -> Self {
+        self.zone_from_discovery = enabled;
         self
     }
 
@@ -301,10 +310,11 @@ impl Metrics {
     /// Puts the own zone on the resource as `cloud.availability_zone` when discovery reads it
     /// (a pod cannot read its node's labels, so it is known only from the agent's endpoint or
     /// node). A resource cannot change under a meter provider: the first time the zone is
-    /// known, and whenever it changes, every series restarts in a new generation. The first
-    /// round waits for discovery, so normally nothing has been recorded yet.
+    /// known, and whenever it changes, every series restarts in a new generation: once, soon
+    /// after start (discovery starts after its random delay, while the first rounds, which
+    /// have no neighbours yet, already ran), as after a restart.
     pub fn set_own_zone(&self, zone: Option<&str>) {
-        let Some(zone) = zone else { return };
+        let Some(zone) = zone.filter(|_| self.zone_from_discovery) else { return };
         {
             let mut resource = lock(&self.build.resource);
             let current = resource.get(&Key::from_static_str(ZONE_ATTRIBUTE));
@@ -699,6 +709,15 @@ mod tests {
                 metrics.record_probe(&probe(kind, if kind.contains("dead") { 503 } else { 200 }));
             }
         }
+    }
+
+    #[test]
+    fn a_zone_the_operator_put_on_the_resource_is_kept() {
+        let m = metrics().with_zone_from_discovery(false);
+        let first = m.generation();
+        m.set_own_zone(Some("zone-a"));
+        assert!(Arc::ptr_eq(&first, &m.generation()));
+        assert!(lock(&m.build.resource).get(&Key::from_static_str(ZONE_ATTRIBUTE)).is_none());
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! has no cache), so `dns_done` times the cluster DNS path, and a DNS outage shows in the next
 //! round instead of after the records' TTL.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_resolver::config::{
@@ -71,6 +72,9 @@ pub(super) fn cause(error: &NetError) -> Option<&'static str> {
     }
 }
 
+/// The DNS checks' resolvers by server (`None`: the system's) and timeout.
+type CheckResolvers = HashMap<(Option<SocketAddr>, Duration), TokioResolver>;
+
 /// The probes' resolver; clones share one instance.
 #[derive(Clone)]
 pub struct Resolver {
@@ -79,6 +83,9 @@ pub struct Resolver {
     /// The servers and search list the resolver was built with, for the DNS checks.
     pub(super) system: ResolverConfig,
     pub(super) options: ResolverOpts,
+    /// The DNS checks' resolvers, built on first use and kept: their settings never change,
+    /// and nothing is cached in them.
+    checks: Arc<Mutex<CheckResolvers>>,
 }
 
 impl Resolver {
@@ -128,12 +135,16 @@ impl Resolver {
         if let Err(error) = static_hosts.read_hosts_conf(hosts) {
             tracing::warn!(file = HOSTS, %error, "cannot read the hosts file");
         }
-        Ok(Self { dns, hosts: Arc::new(static_hosts), system, options })
+        Ok(Self { dns, hosts: Arc::new(static_hosts), system, options, checks: Arc::default() })
     }
 
-    /// A resolver for one DNS check: asking `server`, or the system's servers; no search list
+    /// The resolver of a DNS check: asking `server`, or the system's servers; no search list
     /// (the check expands names itself), one attempt, `timeout` per query, no cache.
     pub(super) fn for_check(&self, server: Option<SocketAddr>, timeout: Duration) -> Result<TokioResolver, NetError> {
+        let mut checks = crate::sync::lock(&self.checks);
+        if let Some(resolver) = checks.get(&(server, timeout)) {
+            return Ok(resolver.clone());
+        }
         let servers = match server {
             Some(addr) => vec![name_server(addr)],
             None => self.system.name_servers().to_vec(),
@@ -142,7 +153,9 @@ impl Resolver {
         options.timeout = timeout;
         // No retry after the first attempt: a SERVFAIL or a lost answer is the check's result.
         options.attempts = 0;
-        build(ResolverConfig::from_parts(None, Vec::new(), servers), options)
+        let resolver = build(ResolverConfig::from_parts(None, Vec::new(), servers), options)?;
+        checks.insert((server, timeout), resolver.clone());
+        Ok(resolver)
     }
 
     /// The addresses of `host`. A name in the hosts file is answered from there alone, for
