@@ -323,7 +323,6 @@ mod tests {
     fn neighbour(node: &str, ip: &str) -> Neighbour {
         Neighbour {
             pod_name: format!("kubenurse-{node}"),
-            pod_ip: ip.into(),
             addresses: vec![crate::discovery::Address { ip: ip.into(), port: None }],
             host_ip: String::new(),
             node_name: node.into(),
@@ -358,7 +357,6 @@ mod tests {
 
         // Discovery hands out a new neighbourhood: a chosen neighbour's pod has a new address.
         let moved = list.iter().position(|n| n.node_name == ring[0].node_name).expect("chosen");
-        list[moved].pod_ip = "10.0.9.9".into();
         list[moved].addresses[0].ip = "10.0.9.9".into();
         assert!(chosen.update(&hood(list.clone(), Some("node-self")), None, 10, true, &targets));
         assert_eq!(chosen.targets[0].url.to_string(), "http://10.0.9.9:9000/alwayshappy");

@@ -170,7 +170,6 @@ mod tests {
     fn neighbours_are_probed_on_their_pod_ip_with_their_identity() {
         let neighbour = |ips: &[&str], port| Neighbour {
             pod_name: "kubenurse-a".into(),
-            pod_ip: ips[0].into(),
             addresses: ips.iter().map(|ip| Address { ip: ip.to_string(), port }).collect(),
             host_ip: "10.0.0.1".into(),
             node_name: "node-a".into(),
@@ -199,7 +198,6 @@ mod tests {
     fn a_dual_stack_neighbour_is_probed_over_both_families() {
         let n = Neighbour {
             pod_name: "kubenurse-a".into(),
-            pod_ip: "10.1.2.3".into(),
             addresses: vec![
                 Address { ip: "10.1.2.3".into(), port: None },
                 Address { ip: "fd00::3".into(), port: Some(18081) },

@@ -592,7 +592,7 @@ async fn dual_stack_and_zones(mode: &[&str]) {
     })
     .await;
     let a = report.neighbourhood.neighbours.iter().find(|n| n.pod_name == "kubenurse-a").expect("a");
-    assert_eq!(a.pod_ip, "127.0.0.11", "IPv4 is the primary family");
+    assert_eq!(a.pod_ip(), "127.0.0.11", "IPv4 is the primary family");
     assert_eq!(a.zone.as_deref(), Some("zone-2"));
     assert_eq!(report.neighbourhood.own_zone.as_deref(), Some("zone-1"));
     let urls: std::collections::BTreeMap<String, String> =

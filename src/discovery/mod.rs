@@ -49,11 +49,9 @@ const NODE_VERBS: &[&str] = &["list", "watch"];
 #[serde(rename_all = "PascalCase")]
 pub struct Neighbour {
     pub pod_name: String,
-    /// The address probed.
-    #[serde(rename = "PodIP")]
-    pub pod_ip: String,
-    /// Every address of the agent, one per family, IPv4 first: the first is `pod_ip`.
-    #[serde(skip)]
+    /// Every address of the agent, one per family, IPv4 first. `/alive` shows the first, the
+    /// primary one, as `PodIP`.
+    #[serde(rename = "PodIP", serialize_with = "primary_ip")]
     pub addresses: Vec<Address>,
     /// The node's address; empty with EndpointSlices, which do not carry it.
     #[serde(rename = "HostIP")]
@@ -63,6 +61,17 @@ pub struct Neighbour {
     /// The node's availability zone, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+}
+
+impl Neighbour {
+    /// The primary address: IPv4 when the agent has both families.
+    pub fn pod_ip(&self) -> &str {
+        self.addresses.first().map_or("", |a| a.ip.as_str())
+    }
+}
+
+fn primary_ip<S: serde::Serializer>(addresses: &[Address], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(addresses.first().map_or("", |a| a.ip.as_str()))
 }
 
 /// One address a neighbour's agent listens on.

@@ -16,7 +16,6 @@ pub(super) fn neighbours(list: &StaticNeighbours) -> Vec<Neighbour> {
             addresses.sort_by_key(Address::is_ipv6);
             Neighbour {
                 pod_name: n.node.clone(),
-                pod_ip: addresses[0].ip.clone(),
                 host_ip: addresses[0].ip.clone(),
                 addresses,
                 node_name: n.node.clone(),

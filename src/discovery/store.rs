@@ -274,7 +274,6 @@ impl Store {
                 let addresses = Address::of_pod(pod.pod_ips);
                 Neighbour {
                     pod_name: name.clone(),
-                    pod_ip: addresses.first().map(|a| a.ip.clone()).unwrap_or_default(),
                     addresses,
                     host_ip: pod.host_ip.to_owned(),
                     node_name: pod.node.to_owned(),
@@ -448,7 +447,7 @@ mod tests {
         let mut s = slices_store(&[("v6", v6), ("v4", v4)], &[]);
         let n = s.neighbourhood(&mode());
         assert_eq!(n.neighbours.len(), 1);
-        assert_eq!(n.neighbours[0].pod_ip, "10.0.0.2");
+        assert_eq!(n.neighbours[0].pod_ip(), "10.0.0.2");
         let ips: Vec<&str> = n.neighbours[0].addresses.iter().map(|a| a.ip.as_str()).collect();
         assert_eq!(ips, ["10.0.0.2", "fd00::2"]);
     }

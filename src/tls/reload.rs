@@ -148,8 +148,21 @@ impl Reloader {
                     if entry.reported == Some(seen) {
                         continue;
                     }
-                    let outcome = (entry.apply)(&contents);
-                    if outcome.is_ok() {
+                    let mut outcome = (entry.apply)(&contents);
+                    let mut seen = seen;
+                    // A Secret's `..data` swap between reading the certificate and the key
+                    // gives a mismatched pair once: read the set again before calling it bad.
+                    if outcome.is_err() {
+                        if let Ok(again) = read(&entry.files) {
+                            if digest(&again) != seen {
+                                seen = digest(&again);
+                                outcome = (entry.apply)(&again);
+                                if outcome.is_ok() {
+                                    settle(&mut entry.files, &again);
+                                }
+                            }
+                        }
+                    } else {
                         settle(&mut entry.files, &contents);
                     }
                     (seen, outcome)
