@@ -296,15 +296,20 @@ impl Metrics {
             // Also after a failure: the next attempt waits a whole interval.
             *renewable_at = now + after;
         }
-        match Generation::new(&self.build) {
-            Ok(fresh) => {
-                let old = std::mem::replace(&mut *lock(&self.current), Arc::new(fresh));
-                self.recorded.fetch_add(1, Ordering::SeqCst);
-                tracing::info!(departed, "probe types no longer probed: every series restarts, without theirs");
-                retire(old);
-            }
+        match self.renew() {
+            Ok(()) => tracing::info!(departed, "probe types no longer probed: every series restarts, without theirs"),
             Err(e) => tracing::warn!(error = %e, "cannot restart the metrics; departed series stay until the next try"),
         }
+    }
+
+    /// Replaces the current generation with a fresh one; the old one pushes its last interval
+    /// and goes.
+    fn renew(&self) -> Result<(), MetricsError> {
+        let fresh = Generation::new(&self.build)?;
+        let old = std::mem::replace(&mut *lock(&self.current), Arc::new(fresh));
+        self.recorded.fetch_add(1, Ordering::SeqCst);
+        retire(old);
+        Ok(())
     }
 
     /// Puts the own zone on the resource as `cloud.availability_zone` when discovery reads it
@@ -328,13 +333,8 @@ impl Metrics {
                 .with_attribute(KeyValue::new(ZONE_ATTRIBUTE, zone.to_owned()))
                 .build();
         }
-        match Generation::new(&self.build) {
-            Ok(fresh) => {
-                let old = std::mem::replace(&mut *lock(&self.current), Arc::new(fresh));
-                self.recorded.fetch_add(1, Ordering::SeqCst);
-                tracing::info!(zone, "own zone known: on the metrics resource as {ZONE_ATTRIBUTE}");
-                retire(old);
-            }
+        match self.renew() {
+            Ok(()) => tracing::info!(zone, "own zone known: on the metrics resource as {ZONE_ATTRIBUTE}"),
             Err(e) => tracing::warn!(error = %e, "cannot put the own zone on the metrics resource"),
         }
     }
