@@ -6,25 +6,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::agent::{get, metric, start, wait_round};
+use common::agent::{get, ip, metric, start, wait_round, DURATION, ERRORS, REQUESTS, TRACE};
 use common::dns::{Answer, DnsServer};
 use common::otlp::OtlpReceiver;
 use common::targets::{refused_addr, Target};
 use kubenurse::config::DnsServers;
 use kubenurse::probe::{DnsQuery, Resolver};
-
-const REQUESTS: &str = "kubenurse_httpclient_requests_total";
-const ERRORS: &str = "kubenurse_errors_total";
-const TRACE: &str = "kubenurse_httpclient_trace_request_duration_seconds_count";
-const DURATION: &str = "kubenurse_httpclient_request_duration_seconds_count";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("ip")
-}
 
 /// The agent's `/metrics` after its first round, and `/alive`'s `last_check_result`.
 async fn first_round(args: Vec<String>) -> (String, serde_json::Value) {

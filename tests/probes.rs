@@ -5,25 +5,16 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use common::agent::{get, metric, start, wait_report, wait_round};
+use common::agent::{get, ip, metric, start, wait_report, wait_round, DURATION, ERRORS, REQUESTS, TRACE};
 use common::dns::{Answer, DnsServer};
 use common::targets::{refused_addr, BlackHole, SilentPeer, Target, TestCa};
 use kubenurse::agent::Agent;
 use kubenurse::config::{Config, DnsServers};
 use kubenurse::probe::Resolver;
-
-const REQUESTS: &str = "kubenurse_httpclient_requests_total";
-const ERRORS: &str = "kubenurse_errors_total";
-const TRACE: &str = "kubenurse_httpclient_trace_request_duration_seconds_count";
-const DURATION: &str = "kubenurse_httpclient_request_duration_seconds_count";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("ip")
-}
 
 #[tokio::test]
 async fn each_failure_is_counted_once_at_its_phase() {

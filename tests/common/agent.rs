@@ -180,3 +180,14 @@ pub fn pushed_types(
     }
     out
 }
+
+/// Series the probe tests count, by their Prometheus names.
+pub const REQUESTS: &str = "kubenurse_httpclient_requests_total";
+pub const ERRORS: &str = "kubenurse_errors_total";
+pub const TRACE: &str = "kubenurse_httpclient_trace_request_duration_seconds_count";
+pub const DURATION: &str = "kubenurse_httpclient_request_duration_seconds_count";
+
+/// An IP address literal of a test.
+pub fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().expect("ip")
+}
